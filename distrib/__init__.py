@@ -1,0 +1,39 @@
+"""distrib: distributed training for PyTorch that sends as few bytes as possible.
+
+Quick start::
+
+    import distrib, torch
+    distrib.init()
+    model = ...
+    distrib.broadcast_parameters(model)
+    opt = distrib.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+
+Run with ``distrib launch -n 4 train.py``. See ``shared/DESIGN.md`` for the public contract.
+"""
+from .api import allgather, allreduce, barrier, broadcast, broadcast_parameters
+from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
+from .errors import CollectiveMismatch, CommTimeout, DistribError, PeerFailed, WireError
+
+__version__ = "0.1.0"
+
+_LAZY = {"DistributedOptimizer": ("optim", "DistributedOptimizer"),
+         "distributed": ("optim", "distributed")}
+_SUBMODULES = {"compress", "coding", "pipeline", "amp", "checkpoint", "passes", "ps", "metrics",
+               "config", "optim", "transport", "collectives"}
+
+
+def __getattr__(name):
+    # Heavier parts load on first use, so ``import distrib`` stays cheap for the launcher.
+    import importlib
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'distrib' has no attribute {name!r}")
+
+
+__all__ = ["init", "shutdown", "rank", "size", "local_rank", "local_size", "is_initialized",
+           "allreduce", "allgather", "broadcast", "barrier", "broadcast_parameters",
+           "DistributedOptimizer", "distributed", "DistribError", "CommTimeout",
+           "CollectiveMismatch", "WireError", "PeerFailed"]
