@@ -47,7 +47,9 @@ class Transport:
         self._queues = defaultdict(deque)      # (src, channel) -> deque[Message]
         self._aborts = {}                      # channel -> Message (the first abort seen)
         self._pongs = {}                       # src -> state
-        self._lock = threading.RLock()         # one thread pumps at a time
+        self._send_lock = threading.Lock()     # frames of one message stay together
+        self._cv = threading.Condition()       # guards the queues; one thread pumps at a time
+        self._pumping = False
         self.closed = False
 
     # -- to implement ------------------------------------------------------------------------
@@ -71,7 +73,7 @@ class Transport:
             raise ValueError(f"rank {self.rank}: cannot send to rank {dst} (size {self.size})")
         msg.sender = self.rank
         frames = encode(msg)
-        with self._lock:
+        with self._send_lock:
             self._send_frames(dst, frames)
             self.bytes_sent += msg.nbytes + len(frames[0])
             self.messages_sent += 1
@@ -83,19 +85,28 @@ class Transport:
         Messages with an older ``seq`` are stale leftovers of a failed collective and are dropped.
         On the deadline the ranks of ``group`` (default: ``[src]``) are pinged, and
         :class:`CommTimeout` names those that are not in this collective.
+
+        Several threads may wait at once (say the optimizer's and the main thread, on different
+        channels): one of them pumps the socket, the others sleep until it sorts a message in.
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
+        while True:
+            with self._cv:
                 msg = self._take(src, channel, seq)
                 if msg is not None:
                     return msg
                 self._check_abort(channel, seq)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self._timeout_error(src, channel, seq, timeout, what, group)
-                self._pump(min(left, 0.5))
+                    break
+                if self._pumping:
+                    self._cv.wait(min(left, 0.1))
+                    continue
+                self._pumping = True
+            self._pump_unlocked(min(left, 0.05))
+        return_error = self._timeout_error(src, channel, seq, timeout, what, group)
+        raise return_error
 
     def abort(self, ranks, channel: int, seq: int, kind: str, text: str, missing=()) -> None:
         """Tell ``ranks`` that the operation (channel, seq) failed here, so they stop waiting."""
@@ -108,9 +119,14 @@ class Transport:
                     pass
 
     def poll_once(self, timeout: float = 0.0) -> None:
-        """Receive and sort whatever has arrived (used by waits that are not a single recv)."""
-        with self._lock:
-            self._pump(timeout)
+        """Receive and sort one message if one arrives within ``timeout`` (or another thread
+        is already pumping, wait for it)."""
+        with self._cv:
+            if self._pumping:
+                self._cv.wait(timeout)
+                return
+            self._pumping = True
+        self._pump_unlocked(timeout)
 
     def pending(self, src: int, channel: int) -> int:
         return len(self._queues[(src, channel)])
@@ -138,11 +154,24 @@ class Transport:
             return None
         return None
 
-    def _pump(self, timeout: float) -> bool:
-        got = self._recv_frames(timeout)
-        if got is None:
-            return False
-        src, frames = got
+    def _pump_unlocked(self, timeout: float) -> None:
+        """Receive one message (the caller has set ``_pumping``) and sort it in."""
+        try:
+            got = self._recv_frames(timeout)
+        except BaseException:
+            with self._cv:
+                self._pumping = False
+                self._cv.notify_all()
+            raise
+        try:
+            if got is not None:
+                self._dispatch(*got)
+        finally:
+            with self._cv:
+                self._pumping = False
+                self._cv.notify_all()
+
+    def _dispatch(self, src, frames) -> None:
         try:
             msg = decode(frames)
         except WireError as e:
@@ -152,19 +181,23 @@ class Transport:
                             f"but came from rank {src}")
         if not 0 <= msg.sender < self.size:
             raise WireError(f"rank {self.rank}: message from unknown rank {msg.sender}")
-        if msg.kind == "data":
-            self._queues[(msg.sender, msg.channel)].append(msg)
-        elif msg.kind == "ping":
+        if msg.kind == "ping":
             self.send(msg.sender, Message(kind="pong", channel=msg.channel, seq=msg.seq,
                                           meta={"state": self.state}))
-        elif msg.kind == "pong":
-            self._pongs[msg.sender] = msg.meta.get("state")
-        elif msg.kind == "abort":
-            self._aborts.setdefault(msg.channel, msg)
-        return True
+            return
+        with self._cv:
+            if msg.kind == "data":
+                self._queues[(msg.sender, msg.channel)].append(msg)
+            elif msg.kind == "pong":
+                self._pongs[msg.sender] = msg.meta.get("state")
+            elif msg.kind == "abort":
+                self._aborts.setdefault(msg.channel, msg)
 
     def _check_abort(self, channel, seq):
         a = self._aborts.get(channel)
+        if a is not None and a.meta.get("type") == "error":
+            # A peer failed outright: every later wait on this channel fails the same way.
+            raise PeerFailed(f"rank {a.sender} failed: {a.meta.get('text', '')}")
         if a is None or (seq is not None and a.seq < seq):
             if a is not None:
                 del self._aborts[channel]  # an abort of an older operation: already handled
@@ -217,5 +250,5 @@ class Transport:
                 pass
         deadline = time.monotonic() + window
         while time.monotonic() < deadline and len(self._pongs) < len(ranks):
-            self._pump(min(0.05, max(0.0, deadline - time.monotonic())))
+            self.poll_once(min(0.05, max(0.0, deadline - time.monotonic())))
         return dict(self._pongs)
