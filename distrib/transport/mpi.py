@@ -25,6 +25,7 @@ class MpiTransport(Transport):
         self.comm = (comm or MPI.COMM_WORLD).Dup()
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), timeout)
         self._inflight = []  # (request, buffers kept alive)
+        _abort_job_on_uncaught_exception(self.comm)
 
     def _send_frames(self, dst, frames):
         reqs = [self.comm.Isend([frames[0], self.MPI.BYTE], dst, _HEAD)]
@@ -88,3 +89,18 @@ class MpiTransport(Transport):
             self.comm.Free()
         except Exception:
             pass
+
+
+def _abort_job_on_uncaught_exception(comm):
+    """An uncaught exception must end the whole MPI job at once: without this the dying rank
+    blocks in MPI_Finalize and its peers wait for it until their deadlines."""
+    import sys
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        comm.Abort(1)
+
+    sys.excepthook = hook
