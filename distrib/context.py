@@ -152,6 +152,21 @@ def init(transport: str | None = None, timeout: float | None = None):
         tr = ZmqTransport(job["world_rank"], job["world_size"], job["master_addr"],
                           job["master_port"], timeout=timeout)
     _ctx = _Context(job, tr)
+    _exit_cleanly_on_sigterm()
+
+
+def _exit_cleanly_on_sigterm():
+    """Make SIGTERM (how ``distrib launch`` stops a job) raise SystemExit instead of killing the
+    process outright, so shutdown runs: pending sends flush and shared buffers are unlinked.
+    A handler the user installed is left alone."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def stop(signum, frame):
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _require():
@@ -170,6 +185,9 @@ def shutdown() -> None:
     if _ctx is None:
         return
     ctx, _ctx = _ctx, None
+    for comm in [ctx.world, *ctx.comms.values()]:
+        if comm is not None:
+            comm.close()
     ctx.transport.close()
 
 

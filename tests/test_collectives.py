@@ -50,10 +50,13 @@ print("checked", checked)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("transport,n", [("zmq", 1), ("zmq", 2), ("zmq", 3), ("zmq", 5),
-                                         ("mpi", 2), ("mpi", 3)])
-def test_allreduce_allgather_broadcast_barrier(tmp_path, transport, n):
-    out = assert_ok(run_job(tmp_path, n, CHECK_ALL, transport, timeout=280))
+@pytest.mark.parametrize("transport,n,path", [("zmq", 1, "shm"), ("zmq", 2, "shm"), ("zmq", 3, "shm"),
+                                              ("zmq", 5, "shm"), ("zmq", 3, "ring"), ("zmq", 5, "ring"),
+                                              ("mpi", 2, "shm"), ("mpi", 3, "ring")])
+def test_allreduce_allgather_broadcast_barrier(tmp_path, transport, n, path):
+    """``path``: same-host shared memory (the default on one host) or the TCP/MPI ring."""
+    env = {"DISTRIB_SHM": "0" if path == "ring" else "1"}
+    out = assert_ok(run_job(tmp_path, n, CHECK_ALL, transport, timeout=280, env=env))
     for r in range(n):
         assert "checked 168" in lines_of(out, r), out
 
@@ -94,11 +97,12 @@ print("after", distrib.allreduce(torch.ones(1)).item())
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport,path", [("zmq", "shm"), ("zmq", "ring"), ("mpi", "shm")])
 @pytest.mark.parametrize("kind", ["shape", "dtype", "op", "collective"])
-def test_mismatch_raises_on_every_rank(tmp_path, transport, kind):
+def test_mismatch_raises_on_every_rank(tmp_path, transport, path, kind):
     n = 3
-    out = assert_ok(run_job(tmp_path, n, MISMATCH, transport, args=[kind], comm_timeout=20))
+    out = assert_ok(run_job(tmp_path, n, MISMATCH, transport, args=[kind], comm_timeout=20,
+                            env={"DISTRIB_SHM": "0" if path == "ring" else "1"}))
     for r in range(n):
         lines = lines_of(out, r)
         assert any(l.startswith("mismatch:") for l in lines), out

@@ -7,6 +7,7 @@ touches the data, so ranks that call different collectives get :class:`Collectiv
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 
@@ -16,6 +17,7 @@ from ..errors import CollectiveMismatch, DistribError
 from ..transport.wire import Message, dtype_name
 from . import broadcast as _broadcast
 from . import ring as _ring
+from . import shm as _shm
 from .ops import check_op, finish
 
 
@@ -38,6 +40,15 @@ class Communicator:
         self.timeout = transport.timeout if timeout is None else timeout
         self.seq = 0
         self._lock = threading.RLock()
+        self._arena = None  # shared-memory buffers, when every rank is on this host
+
+    def _same_host(self) -> bool:
+        if self._arena is None:
+            hosts = getattr(self.transport, "host_ids", None)
+            use = (os.environ.get("DISTRIB_SHM", "1") != "0" and _shm.SHM_DIR is not None
+                   and hosts is not None and len({hosts[r] for r in self.ranks}) == 1)
+            self._arena = _shm.Arena() if use else False
+        return bool(self._arena)
 
     # -- public collectives ------------------------------------------------------------------
     def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -48,7 +59,10 @@ class Communicator:
         if self.size == 1:
             return finish(op, flat.clone(), 1).reshape(t.shape)
         with self._collective(sig) as c:
-            out = _ring.allreduce(c, flat, op)
+            if self._same_host():
+                out = _shm.allreduce(c, self._arena, flat.contiguous(), op)
+            else:
+                out = _ring.allreduce(c, flat, op)
         return out.reshape(t.shape)
 
     def allgather(self, t: torch.Tensor) -> list:
@@ -75,6 +89,11 @@ class Communicator:
             return
         with self._collective(["barrier"]) as c:
             _ring.allreduce(c, torch.zeros(0), "sum")
+
+    def close(self) -> None:
+        """Release this communicator's shared-memory buffers."""
+        if self._arena:
+            self._arena.close()
 
     # -- point to point (pipeline stages, parameter servers) ---------------------------------
     def send(self, dst: int, tensors, meta=None, tag: int = 0) -> None:

@@ -26,6 +26,17 @@ class MpiTransport(Transport):
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), timeout)
         self._inflight = []  # (request, buffers kept alive)
         _abort_job_on_uncaught_exception(self.comm)
+        self.host_ids = self._gather_host_ids()
+
+    def _gather_host_ids(self):
+        """Every rank's host id, through a fixed-size byte Allgather (no pickling)."""
+        from .zmq import host_id
+        width = 256
+        mine = bytearray(host_id().encode()[:width].ljust(width, b"\0"))
+        everyone = bytearray(width * self.size)
+        self.comm.Allgather([mine, self.MPI.BYTE], [everyone, self.MPI.BYTE])
+        return [bytes(everyone[k * width:(k + 1) * width]).rstrip(b"\0").decode(errors="replace")
+                for k in range(self.size)]
 
     def _send_frames(self, dst, frames):
         reqs = [self.comm.Isend([frames[0], self.MPI.BYTE], dst, _HEAD)]

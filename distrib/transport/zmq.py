@@ -46,12 +46,14 @@ class ZmqTransport(Transport):
             ipc = path
         self._ipc_path = ipc
         me = {"rank": rank, "size": size, "host": local_address_towards(master_addr),
-              "port": port, "ipc": ipc, "hostname": socket.gethostname() + _netns_tag()}
+              "port": port, "ipc": ipc, "hostname": host_id()}
         try:
             self.table = rendezvous(self.ctx, me, size, master_addr, master_port, self.timeout)
         except BaseException:
             self._close(0)
             raise
+        # Processes with the same host id can share memory (see collectives/shm.py).
+        self.host_ids = [e["hostname"] for e in self.table]
         self.dealers = {}
         for peer, entry in enumerate(self.table):
             if peer == rank:
@@ -95,6 +97,11 @@ class ZmqTransport(Transport):
                 os.unlink(self._ipc_path)
             except OSError:
                 pass
+
+
+def host_id() -> str:
+    """Identifies this host (and network namespace) among the job's processes."""
+    return socket.gethostname() + _netns_tag()
 
 
 def _netns_tag() -> str:

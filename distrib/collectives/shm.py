@@ -1,0 +1,148 @@
+"""Shared-memory all-reduce for groups whose ranks all run on one host.
+
+Over loopback TCP every byte is copied through the kernel at every ring step; through shared
+memory each rank copies its input once, reduces its own slice reading every rank's input in
+place, and copies the result out once. Only two small messages per peer cross the transport
+(they carry the collective's signature, so mismatches are still caught)::
+
+    rank i:  input -> my buffer          "ready" -> every peer (with my buffer's name)
+             wait "ready" from all       slice i = in_0[i] (op) in_1[i] (op) ... -> my buffer
+             "done" -> every peer        wait "done" from all
+             out[k] = buffer_k[k] for every k
+
+Each segment is reduced by one rank in rank order and copied everywhere: the same bits on every
+rank. Two buffers per rank are used alternately (by sequence number), so a rank never writes the
+buffer its peers may still be reading: before it can reuse one, every peer has finished the call
+that used it (they have sent "done" for the call in between). A new buffer's file is unlinked
+as soon as every peer has mapped it, so nothing is left in /dev/shm if a process dies
+(``distrib.init`` turns SIGTERM into a clean exit, so a stopped job unlinks its buffers too).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import uuid
+
+import torch
+
+from ..errors import WireError
+from .ops import finish
+from .ring import split_sizes
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+_NAME = re.compile(r"^distrib-[0-9a-f]{32}$")
+
+
+class _Segment:
+    def __init__(self, name: str, size: int, create: bool):
+        self.name, self.size = name, size
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size < size:
+                raise WireError(f"shared buffer {name} is smaller than announced")
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.linked = create
+
+    def unlink(self):
+        if self.linked:
+            self.linked = False
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            except FileNotFoundError:
+                pass
+
+
+class Arena:
+    """This rank's two shared buffers and the peers' buffers it has mapped."""
+
+    def __init__(self):
+        self.mine = [None, None]
+        self.peers = {}  # (peer, parity) -> _Segment
+
+    def own(self, parity: int, nbytes: int) -> _Segment:
+        seg = self.mine[parity]
+        if seg is None or seg.size < nbytes:
+            size = max(nbytes, 2 * seg.size if seg else 0, 1 << 16)
+            size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+            if seg is not None:
+                seg.unlink()
+            seg = self.mine[parity] = _Segment(f"distrib-{uuid.uuid4().hex}", size, create=True)
+        return seg
+
+    def peer(self, peer: int, parity: int, name, size, nbytes: int) -> _Segment:
+        if not (isinstance(name, str) and _NAME.match(name)) or type(size) is not int \
+                or not nbytes <= size < 2 ** 40:
+            raise WireError(f"bad shared-buffer announcement from rank {peer}: {name!r} {size!r}")
+        seg = self.peers.get((peer, parity))
+        if seg is None or seg.name != name:
+            seg = self.peers[(peer, parity)] = _Segment(name, size, create=False)
+        return seg
+
+    def close(self):
+        for seg in self.mine:
+            if seg is not None:
+                seg.unlink()
+        self.mine = [None, None]
+        self.peers.clear()
+
+
+def _reduce_into(op, acc, x):
+    if op in ("sum", "mean"):
+        acc.add_(x)
+    elif op == "min":
+        torch.minimum(acc, x, out=acc)
+    else:
+        torch.maximum(acc, x, out=acc)
+
+
+def allreduce(c, arena: Arena, flat: torch.Tensor, op: str) -> torch.Tensor:
+    # A buffer announced in a call that fails stays linked (a peer may be opening it right
+    # now); it is unlinked after the next call that uses it succeeds, or at shutdown.
+    return _allreduce(c, arena, flat, op, c.seq % 2)
+
+
+def _allreduce(c, arena, flat, op, parity):
+    n, i = c.size, c.rank
+    numel, dtype = flat.numel(), flat.dtype
+    nbytes = numel * flat.element_size()
+    seg = arena.own(parity, nbytes)
+    fresh = seg.linked
+    mine = seg.bytes[:nbytes].view(dtype)
+    mine.copy_(flat)
+    for j in range(n):
+        if j != i:
+            c.send(j, [], {"shm": seg.name, "size": seg.size})
+    views = [None] * n
+    views[i] = mine
+    for j in range(n):
+        if j != i:
+            m = c.recv(j)
+            views[j] = arena.peer(j, parity, m.meta.get("shm"), m.meta.get("size"),
+                                  nbytes).bytes[:nbytes].view(dtype)
+    sizes = split_sizes(numel, n)
+    starts = [sum(sizes[:k]) for k in range(n)]
+    lo, hi = starts[i], starts[i] + sizes[i]
+    if hi > lo:
+        acc = views[0][lo:hi].clone()
+        for k in range(1, n):
+            _reduce_into(op, acc, views[k][lo:hi])
+        mine[lo:hi].copy_(finish(op, acc, n))
+    for j in range(n):
+        if j != i:
+            c.send(j, [], {"done": 1})
+    for j in range(n):
+        if j != i:
+            c.recv(j)
+    if fresh:
+        seg.unlink()  # every peer has mapped it by now
+    out = torch.empty_like(flat)
+    for k in range(n):
+        out[starts[k]:starts[k] + sizes[k]].copy_(views[k][starts[k]:starts[k] + sizes[k]])
+    return out
