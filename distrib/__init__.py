@@ -10,14 +10,18 @@ Quick start::
 
 Run with ``distrib launch -n 4 train.py``. See ``shared/DESIGN.md`` for the public contract.
 """
-from .api import allgather, allreduce, barrier, broadcast, broadcast_parameters
-from .context import init, is_initialized, local_rank, local_size, rank, shutdown, size
 from .errors import CollectiveMismatch, CommTimeout, DistribError, PeerFailed, WireError
 
 __version__ = "0.1.0"
 
+# Everything else loads on first use, so ``import distrib`` does not import torch (the
+# launcher imports distrib.config to validate a run's configuration before starting it).
 _LAZY = {"DistributedOptimizer": ("optim", "DistributedOptimizer"),
-         "distributed": ("optim", "distributed")}
+         "distributed": ("optim", "distributed"),
+         **{name: ("api", name) for name in ("allreduce", "allgather", "broadcast", "barrier",
+                                             "broadcast_parameters")},
+         **{name: ("context", name) for name in ("init", "shutdown", "rank", "size",
+                                                 "local_rank", "local_size", "is_initialized")}}
 _SUBMODULES = {"compress", "coding", "pipeline", "amp", "checkpoint", "passes", "ps", "metrics",
                "config", "optim", "transport", "collectives"}
 
@@ -27,10 +31,16 @@ def __getattr__(name):
     import importlib
     if name in _LAZY:
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'distrib' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 __all__ = ["init", "shutdown", "rank", "size", "local_rank", "local_size", "is_initialized",
