@@ -4,7 +4,7 @@ How a step flows (topology "ring")::
 
     backward:  grad of p ready --hook--> p's unit complete? --> launch units in fixed order
                                                                   | (queue)
-    comm thread:                      fused bucket -> ring all-reduce (sum) ---+
+    comm thread:                      fused bucket -> all-reduce (mean) -------+
                                       big tensor   -> compressor.reduce       --+--> results
     step():    launch what is left (missing grads count as zero) -> wait -> write .grad -> inner step
 
@@ -88,7 +88,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if topology == "ps":
             from .ps.worker import PSWorker
             self._ps = PSWorker(optimizer, [(self._names[p], p) for p in self._params],
-                                compressor=compressor, **options)
+                                compressor=compressor, min_compress_numel=min_compress_numel,
+                                **options)
             return
         if options:
             raise TypeError(f"unknown DistributedOptimizer options: {sorted(options)}")
@@ -190,7 +191,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._stats["payload_bytes"] += st.get("wire_bytes", host.numel() * host.element_size())
             self._stats["compress_s"] += st.get("compress_s", 0.0)
         else:
-            out = self._comm.allreduce(host, "sum")
+            # The mean is taken once per segment on its owner; a flag's mean is 0 exactly
+            # when no rank had that gradient.
+            out = self._comm.allreduce(host, "mean")
             self._stats["payload_bytes"] += host.numel() * host.element_size()
         self._stats["comm_s"] += time.perf_counter() - t0
         return api._back(out, work)
@@ -198,9 +201,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # -- step --------------------------------------------------------------------------------
     def synchronize(self):
         """Finish averaging the gradients: after this every ``.grad`` holds the mean over workers."""
-        if self._ps is not None or self._comm.size == 1:
+        if self._ps is not None:
+            self._ps.synchronize()  # sync: mean gradient into .grad; async/ssp: fresh parameters
             return
-        n = self._comm.size
+        if self._comm.size == 1:
+            return
         while self._next_launch < len(self._units):
             self._launch(self._units[self._next_launch])
         deadline = time.monotonic() + self._comm.timeout + 30
@@ -220,17 +225,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     p.grad = out.view_as(p).to(p.dtype) if p.grad is None else p.grad.copy_(out.view_as(p))
                     continue
                 k = len(unit.params)
-                counts, o = out[-k:], 0
-                for p, c in zip(unit.params, counts.tolist()):
+                flags, o = out[-k:], 0
+                for p, f in zip(unit.params, flags.tolist()):
                     m = p.numel()
-                    if c == 0:
+                    if f == 0:
                         p.grad = None  # no rank produced a gradient for it
+                    elif p.grad is None:
+                        p.grad = out[o:o + m].view_as(p).clone()
                     else:
-                        mean = out[o:o + m].view_as(p) / n
-                        if p.grad is None:
-                            p.grad = mean.clone()
-                        else:
-                            p.grad.copy_(mean)
+                        p.grad.copy_(out[o:o + m].view_as(p))
                     o += m
         self._reset()
 
@@ -262,10 +265,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._ps is not None:
-            self._ps.step()
-        elif not self._skip_sync:
-            self.synchronize()
-        self.optimizer.step()
+            # Runs the wrapped optimizer itself: async/ssp step before pushing, and a gradient-
+            # coded straggler applies the steps it missed.
+            self._ps.step(synchronize=not self._skip_sync)
+        else:
+            if not self._skip_sync:
+                self.synchronize()
+            self.optimizer.step()
         self._stats["steps"] += 1
         self._stats["bytes_sent"] += context.bytes_sent() - sent0
         self._stats["step_s"] += time.perf_counter() - t0

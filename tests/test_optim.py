@@ -136,7 +136,8 @@ def test_single_process_is_plain_training():
     w = model.weight.detach().clone()
     opt.step()
     assert torch.allclose(model.weight, w - 0.5 * g)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # sees an Optimizer
+    opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.25
 
