@@ -151,11 +151,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             work = g.detach().clone()
         else:
-            parts = [(q.grad if q.grad is not None else torch.zeros_like(q)).detach().reshape(-1)
-                     for q in unit.params]
-            flags = torch.tensor([q.grad is not None for q in unit.params], dtype=parts[0].dtype,
-                                 device=parts[0].device)
-            work = torch.cat(parts + [flags])
+            # A fused bucket: gradients then one presence flag per parameter, in a buffer
+            # kept across steps (a fresh one would page-fault in on every step).
+            first = unit.params[0]
+            size = sum(q.numel() for q in unit.params) + len(unit.params)
+            if getattr(unit, "buf", None) is None:
+                unit.buf = torch.empty(size, dtype=first.dtype, device=first.device)
+            work, o = unit.buf, 0
+            for q in unit.params:
+                m = q.numel()
+                if q.grad is None:
+                    work[o:o + m].zero_()
+                else:
+                    work[o:o + m].copy_(q.grad.detach().reshape(-1))
+                o += m
+            work[o:] = torch.tensor([q.grad is not None for q in unit.params], dtype=work.dtype)
         if not self._overlap:
             unit.result = self._reduce(unit, work)
             unit.done.set()
@@ -193,7 +203,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         else:
             # The mean is taken once per segment on its owner; a flag's mean is 0 exactly
             # when no rank had that gradient.
-            out = self._comm.allreduce(host, "mean")
+            out = self._comm.allreduce(host, "mean", out=host)
             self._stats["payload_bytes"] += host.numel() * host.element_size()
         self._stats["comm_s"] += time.perf_counter() - t0
         return api._back(out, work)

@@ -51,19 +51,30 @@ class Communicator:
         return bool(self._arena)
 
     # -- public collectives ------------------------------------------------------------------
-    def allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Element-wise reduction over the group; every rank gets the same bits."""
+    def allreduce(self, t: torch.Tensor, op: str = "sum", out: torch.Tensor | None = None):
+        """Element-wise reduction over the group; every rank gets the same bits.
+
+        The result is a new tensor, or ``out`` when given (contiguous, ``t``'s shape and dtype;
+        it may be ``t`` itself for an in-place reduction).
+        """
         check_op(op)
         sig = ["allreduce", op, dtype_name(t.dtype), list(t.shape)]
         flat = t.detach().reshape(-1)
+        if out is not None:
+            if out.shape != t.shape or out.dtype != t.dtype or not out.is_contiguous():
+                raise ValueError("out must be contiguous with the input's shape and dtype")
+            out_flat = out.view(-1)
+        else:
+            out_flat = None
         if self.size == 1:
-            return finish(op, flat.clone(), 1).reshape(t.shape)
+            res = finish(op, flat.clone(), 1)
+            return res.reshape(t.shape) if out is None else out.copy_(res.view(t.shape))
         with self._collective(sig) as c:
             if self._same_host():
-                out = _shm.allreduce(c, self._arena, flat.contiguous(), op)
+                res = _shm.allreduce(c, self._arena, flat.contiguous(), op, out_flat)
             else:
-                out = _ring.allreduce(c, flat, op)
-        return out.reshape(t.shape)
+                res = _ring.allreduce(c, flat.contiguous(), op, out_flat)
+        return res.reshape(t.shape) if out is None else out
 
     def allgather(self, t: torch.Tensor) -> list:
         """Every rank's tensor, in rank order; shapes may differ between ranks, dtypes may not."""

@@ -58,7 +58,10 @@ def _expect(msg, like: torch.Tensor, rank: int, src: int):
     return x.reshape(-1)
 
 
-def allreduce(c, flat: torch.Tensor, op: str) -> torch.Tensor:
+def allreduce(c, flat: torch.Tensor, op: str, out=None) -> torch.Tensor:
+    """The reduced tensor, written into ``out`` (a fresh tensor when None; may be ``flat``:
+    each input chunk sent as-is has reached the right neighbour before the all-gather phase
+    writes that chunk, so in place is safe)."""
     n, i = c.size, c.rank
     right, left = (i + 1) % n, (i - 1) % n
     flat = flat.contiguous()
@@ -81,7 +84,8 @@ def allreduce(c, flat: torch.Tensor, op: str) -> torch.Tensor:
                 c.send(right, [r])
 
     # All-gather: our finished segment (i + 1) goes round the ring.
-    out = torch.empty_like(flat)
+    if out is None:
+        out = torch.empty_like(flat)
     out_segments, _ = _pieces(out, n, out.element_size())
     mine = (i + 1) % n
     for j, chunk in enumerate(owned):

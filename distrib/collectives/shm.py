@@ -27,7 +27,6 @@ import uuid
 import torch
 
 from ..errors import WireError
-from .ops import finish
 from .ring import split_sizes
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -65,6 +64,14 @@ class Arena:
     def __init__(self):
         self.mine = [None, None]
         self.peers = {}  # (peer, parity) -> _Segment
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def scratch(self, numel: int, dtype) -> torch.Tensor:
+        """A private buffer of ``numel`` elements, reused across calls (no page faults)."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch[:nbytes].view(dtype)
 
     def own(self, parity: int, nbytes: int) -> _Segment:
         seg = self.mine[parity]
@@ -93,6 +100,23 @@ class Arena:
         self.peers.clear()
 
 
+def _combine_into(op, a, b, out):
+    if op in ("sum", "mean"):
+        torch.add(a, b, out=out)
+    elif op == "min":
+        torch.minimum(a, b, out=out)
+    else:
+        torch.maximum(a, b, out=out)
+
+
+def _finish_into(op, acc, n):
+    if op == "mean":
+        if acc.is_floating_point():
+            acc.div_(n)
+        else:
+            acc.copy_(torch.div(acc, n, rounding_mode="floor"))
+
+
 def _reduce_into(op, acc, x):
     if op in ("sum", "mean"):
         acc.add_(x)
@@ -102,13 +126,14 @@ def _reduce_into(op, acc, x):
         torch.maximum(acc, x, out=acc)
 
 
-def allreduce(c, arena: Arena, flat: torch.Tensor, op: str) -> torch.Tensor:
+def allreduce(c, arena: Arena, flat: torch.Tensor, op: str, out=None) -> torch.Tensor:
+    """The reduced tensor, written into ``out`` (a fresh tensor when None; may be ``flat``)."""
     # A buffer announced in a call that fails stays linked (a peer may be opening it right
     # now); it is unlinked after the next call that uses it succeeds, or at shutdown.
-    return _allreduce(c, arena, flat, op, c.seq % 2)
+    return _allreduce(c, arena, flat, op, c.seq % 2, out)
 
 
-def _allreduce(c, arena, flat, op, parity):
+def _allreduce(c, arena, flat, op, parity, out):
     n, i = c.size, c.rank
     numel, dtype = flat.numel(), flat.dtype
     nbytes = numel * flat.element_size()
@@ -130,10 +155,15 @@ def _allreduce(c, arena, flat, op, parity):
     starts = [sum(sizes[:k]) for k in range(n)]
     lo, hi = starts[i], starts[i] + sizes[i]
     if hi > lo:
-        acc = views[0][lo:hi].clone()
-        for k in range(1, n):
+        # Reduce in rank order straight into my buffer when that cannot overwrite a term
+        # still to be read (i < 2), else into a reusable scratch buffer.
+        acc = mine[lo:hi] if i < 2 else arena.scratch(hi - lo, dtype)
+        _combine_into(op, views[0][lo:hi], views[1][lo:hi], acc)
+        for k in range(2, n):
             _reduce_into(op, acc, views[k][lo:hi])
-        mine[lo:hi].copy_(finish(op, acc, n))
+        _finish_into(op, acc, n)
+        if i >= 2:
+            mine[lo:hi].copy_(acc)
     for j in range(n):
         if j != i:
             c.send(j, [], {"done": 1})
@@ -142,7 +172,8 @@ def _allreduce(c, arena, flat, op, parity):
             c.recv(j)
     if fresh:
         seg.unlink()  # every peer has mapped it by now
-    out = torch.empty_like(flat)
+    if out is None:
+        out = torch.empty_like(flat)
     for k in range(n):
         out[starts[k]:starts[k] + sizes[k]].copy_(views[k][starts[k]:starts[k] + sizes[k]])
     return out
