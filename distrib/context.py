@@ -153,6 +153,19 @@ def init(transport: str | None = None, timeout: float | None = None):
                           job["master_port"], timeout=timeout)
     _ctx = _Context(job, tr)
     _exit_cleanly_on_sigterm()
+    _mark_failed_on_uncaught_exception(tr)
+
+
+def _mark_failed_on_uncaught_exception(tr):
+    """A process dying of an exception should not wait 10 s to flush sends to dead peers."""
+    import sys
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        tr.failed = True
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _exit_cleanly_on_sigterm():
@@ -165,6 +178,8 @@ def _exit_cleanly_on_sigterm():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         def stop(signum, frame):
+            if _ctx is not None:
+                _ctx.transport.failed = True  # being stopped: peers may be gone already
             raise SystemExit(128 + signum)
         signal.signal(signal.SIGTERM, stop)
 

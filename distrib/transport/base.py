@@ -51,6 +51,9 @@ class Transport:
         self._cv = threading.Condition()       # guards the queues; one thread pumps at a time
         self._pumping = False
         self.closed = False
+        # Set once this job is known to be failing (an abort sent or received, an uncaught
+        # exception): close() then does not wait for sends to peers that may be gone.
+        self.failed = False
 
     # -- to implement ------------------------------------------------------------------------
     def _send_frames(self, dst: int, frames: list) -> None:
@@ -111,6 +114,7 @@ class Transport:
     def abort(self, ranks, channel: int, seq: int, kind: str, text: str, missing=()) -> None:
         """Tell ``ranks`` that the operation (channel, seq) failed here, so they stop waiting."""
         meta = {"type": kind, "text": text, "missing": list(missing)}
+        self.failed = True
         for r in ranks:
             if r != self.rank:
                 try:
@@ -132,9 +136,13 @@ class Transport:
         return len(self._queues[(src, channel)])
 
     def close(self, linger: float | None = None) -> None:
+        """Close, first letting queued sends go out for up to ``linger`` seconds (10 s, or
+        0.5 s once the job is failing and peers may be gone)."""
         if not self.closed:
             self.closed = True
-            self._close(10.0 if linger is None else linger)
+            if linger is None:
+                linger = 0.5 if self.failed else 10.0
+            self._close(linger)
 
     # -- internals ---------------------------------------------------------------------------
     def _take(self, src, channel, seq):
@@ -192,6 +200,7 @@ class Transport:
                 self._pongs[msg.sender] = msg.meta.get("state")
             elif msg.kind == "abort":
                 self._aborts.setdefault(msg.channel, msg)
+                self.failed = True
 
     def _check_abort(self, channel, seq):
         a = self._aborts.get(channel)
