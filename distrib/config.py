@@ -141,7 +141,8 @@ SCHEMA = {
         },
         "compile": {
             "enabled": BOOL,
-            "mode": _enum("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+            "mode": _enum("default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"),
         },
     },
 }
