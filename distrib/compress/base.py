@@ -45,8 +45,9 @@ STAT_FIELDS = ("calls", "raw_bytes", "wire_bytes", "compress_s", "comm_s")
 class Payload:
     """What ``compress`` returns.
 
-    ``tensors`` cross the wire; ``shape``, ``dtype`` and ``ctx`` (compressor-specific, e.g. the
-    number of elements or the bucket count) stay local: every rank compresses a tensor of the same
+    ``tensors`` cross the wire (they may share memory with the compressed tensor, as
+    NoCompression's does: do not modify it while the payload is in use); ``shape``, ``dtype``
+    and ``ctx`` (compressor-specific) stay local: every rank compresses a tensor of the same
     shape under the same key, so the receiver rebuilds a peer's payload from its own context.
     """
 

@@ -8,8 +8,9 @@
 The hook reduces every gradient of a DDP bucket of ``min_numel`` elements or more with
 ``compressor.reduce`` (so the same code runs as under ``distrib.allreduce``), and the smaller
 ones, and those the compressor would send as they are (``compressor.compresses(shape)`` is
-false, e.g. biases under PowerSGD), together in one uncompressed all-reduce. :class:`TorchComm` adapts a ``torch.distributed``
-process group to the communicator protocol ``reduce`` expects. The hook's ``state`` argument is
+false, e.g. biases under PowerSGD), together in one uncompressed all-reduce.
+:class:`TorchComm` adapts a ``torch.distributed`` process group to the communicator protocol
+``reduce`` expects. The hook's ``state`` argument is
 the process group (``None``: the default group); the collectives wait as long as that group's
 timeout (set it with ``init_process_group(timeout=...)``).
 """

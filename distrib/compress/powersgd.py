@@ -117,7 +117,7 @@ class PowerSGD(Compressor):
             st = self.state(key, t.shape)
             M = t.detach().reshape(nm).to(cdtype)
             if self.error_feedback and "e" in st:
-                M = M + st["e"]
+                M = st.pop("e").add_(M)  # the error buffer becomes M = g + e
             P = M @ self._q(st, key, nm[1], cdtype)
             stats["compress_s"] += _now() - t0
             P = self._comm(comm.allreduce, P, "sum")
@@ -128,12 +128,11 @@ class PowerSGD(Compressor):
             Q = self._comm(comm.allreduce, Q, "sum")
             stats["wire_bytes"] += (P.numel() + Q.numel()) * P.element_size()
             t0 = _now()
+            Q /= comm.size  # then P Qᵀ is the mean
             out = P @ Q.t()
-            out /= comm.size
             if self.error_feedback:
                 # M is ours unless it is a view of t (no feedback yet, same dtype): then copy.
                 st["e"] = (M if M.data_ptr() != t.data_ptr() else M.clone()).sub_(out)
-            Q /= comm.size
             self._remember(st, Q)
             if op == "sum":
                 out *= comm.size

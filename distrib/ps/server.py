@@ -200,10 +200,20 @@ def main() -> int:
         # Let the workers raise the error first: the launcher then reports a worker whose
         # traceback shows where the training loop stopped, with this reason.
         time.sleep(min(1.0, server.timeout))
-        return 1
+        return _failed()
     except DistribError as e:  # e.g. PeerFailed: another server failed first
         print(f"distrib.ps.server {server.index}: {e}", file=sys.stderr, flush=True)
-        return 1
+        return _failed()
+
+
+def _failed() -> int:
+    """Exit status 1; under MPI, abort the job instead: a process that exits with an error
+    would block in MPI_Finalize while the others wait for it."""
+    tr = context.transport()
+    if getattr(tr, "name", "") == "mpi":
+        sys.stderr.flush()
+        tr.comm.Abort(1)
+    return 1
 
 
 if __name__ == "__main__":
