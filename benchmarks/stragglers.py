@@ -10,8 +10,9 @@ step every worker computes the gradient of a small MLP on 4096 samples (coded: t
 2048, the s+1 it holds), so the compute per worker is the same in both schemes (the coded global
 batch is (s+1) times smaller: the price of the redundancy). With ``--sleep-ms`` the compute is
 simulated by sleeping instead, which keeps workers that share few cores from slowing each other
-down (on a 2-core machine a sleeping straggler otherwise frees a core for the others). The step time is worker 0's mean
-wall time per step after the warm-up; it is the pace at which the model advances.
+down (on a 2-core machine a sleeping straggler otherwise frees a core for the others). The step
+time is worker 0's mean wall time per step after the warm-up: the pace at which the model
+advances.
 
 Expected: plain sync slows to about (1 + delay) x its no-straggler time, the coded run stays
 within 1.2 x of its no-straggler time (the straggler's pushes arrive late, are dropped, and it

@@ -38,7 +38,9 @@ def allreduce(t: torch.Tensor, op: str = "sum", compressor=None, key: str | None
         return _back(comm.allreduce(host, op), t)
     if op not in ("sum", "mean"):
         raise ValueError(f"a compressed all-reduce supports op='sum' or 'mean', not {op!r}")
-    out = compressor.reduce(host, comm, key=key if key is not None else "allreduce", op="mean")
+    if key is None:  # stateful compressors keep state per key: one per shape and dtype
+        key = f"allreduce:{tuple(host.shape)}:{host.dtype}"
+    out = compressor.reduce(host, comm, key=key, op="mean")
     if op == "sum":
         out = out * comm.size
     return _back(out, t)

@@ -112,7 +112,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         cap = int(bucket_mb * 2 ** 20)
         units, bucket, size, key = [], [], 0, None
         for p in reversed(self._params):
-            if self.compressor is not None and p.numel() >= min_compress_numel:
+            compresses = getattr(self.compressor, "compresses", lambda shape: True)
+            if self.compressor is not None and p.numel() >= min_compress_numel \
+                    and compresses(p.shape):
                 units.append(_Unit(len(units), [p], [self._names[p]], True))
                 continue
             k = (p.dtype, p.device)

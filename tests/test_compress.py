@@ -425,3 +425,18 @@ def test_stats_count_bytes_and_time():
     assert c.stats["raw_bytes"] == 80_000
     c.reset_stats()
     assert c.stats["calls"] == 0
+
+
+@pytest.mark.parametrize("make", [lambda: ErrorFeedback(TopK(0.5)), lambda: PowerSGD(rank=1),
+                                  lambda: CountSketch(rows=2, cols=16, k=4)])
+def test_overflowed_step_does_not_poison_error_feedback(make):
+    """Loss scaling sends inf/nan on an overflowed step: it must come out non-finite (so the
+    step is skipped) and leave the compressor's residual and warm start clean."""
+    from distrib.compress import LocalComm
+    c, comm = make(), LocalComm()
+    g = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    bad = g.clone()
+    bad[0, 0] = float("inf")
+    c.reduce(g, comm, key="w")
+    assert not torch.isfinite(c.reduce(bad, comm, key="w")).all()
+    assert torch.isfinite(c.reduce(g, comm, key="w")).all()

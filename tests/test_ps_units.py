@@ -1,4 +1,4 @@
-"""Parameter server pieces that run in one process: layout, payload codec, options, coding helpers."""
+"""Parameter server parts that run in one process: layout, payload codec, options, coding."""
 import math
 
 import pytest
@@ -165,3 +165,103 @@ def test_ps_optimizer_needs_servers_and_checks_its_options():
         PSWorker(opt, named, compressor="topk")
     with pytest.raises(DistribError, match="--servers"):  # a job of one has no servers
         distrib.DistributedOptimizer(opt, model, topology="ps")
+
+
+# -- the servers' engines, driven by hand -------------------------------------------------------
+class _FakeServer:
+    """Stands in for a Server: records what its engine sends."""
+
+    def __init__(self):
+        self.sent = []
+        self.link = self
+
+    def send(self, dst, op, meta=None, tensors=()):
+        self.sent.append((dst, op, dict(meta or {}), list(tensors)))
+
+
+def _msg(t, *tensors):
+    from distrib.transport.wire import Message
+    tensors, meta = codec.pack(list(tensors))
+    meta["t"] = t
+    return Message(meta=meta, tensors=tensors)
+
+
+def test_aggregator_decodes_from_the_first_n_minus_s_and_drops_late_pushes():
+    from distrib.ps.aggregate import Aggregator
+    code = GradientCode(3, 1)
+    grads = [torch.randn(5, dtype=F64) for _ in range(3)]  # one per partition
+    coded = [code.encode(w, [grads[p] for p in code.partitions(w)]) for w in range(3)]
+    server = _FakeServer()
+    agg = Aggregator(server, [Slot("fused.float64", F64, (5,), False)], 3, code=code)
+    agg.on_step(2, _msg(0, coded[2]))
+    assert server.sent == [] and agg.held() == {2}
+    agg.on_step(0, _msg(0, coded[0]))  # n - s = 2 pushes: the step completes
+    assert [(d, op, m["t"]) for d, op, m, _ in server.sent] == [(0, "agg", 0), (1, "agg", 0),
+                                                                (2, "agg", 0)]
+    mean = server.sent[0][3][0]
+    assert torch.allclose(mean, sum(grads) / 3, rtol=1e-12, atol=1e-15)
+    agg.on_step(1, _msg(0, coded[1]))  # the straggler: dropped
+    assert agg.stats() == {"late_pushes": 1, "step": 1} and len(server.sent) == 3
+    with pytest.raises(DistribError, match="step 5"):
+        agg.on_step(1, _msg(5, coded[1]))
+
+
+def test_plain_sync_needs_every_worker_and_reports_one_that_left():
+    from distrib.ps.aggregate import Aggregator
+    server = _FakeServer()
+    agg = Aggregator(server, [Slot("fused.float32", F32, (2,), False)], 3)
+    agg.on_step(0, _msg(0, torch.tensor([1.0, 2.0])))
+    agg.on_step(2, _msg(0, torch.tensor([3.0, 4.0])))
+    assert server.sent == []
+    with pytest.raises(DistribError, match=r"worker\(s\) \[1\] finished without pushing"):
+        agg.on_done(1, {1})
+
+
+def test_ssp_holds_a_worker_k_steps_ahead_until_the_slowest_catches_up():
+    from distrib.ps.store import ParamStore
+    server = _FakeServer()
+    slot = Slot("fused.float64", F64, (2,), False)
+    store = ParamStore(server, [slot], 2, [torch.zeros(2, dtype=F64)], staleness=1)
+    store.on_step(0, _msg(1, torch.tensor([2.0, 2.0], dtype=F64)))   # clocks 1, 0: lead 1 ok
+    assert [d for d, *_ in server.sent] == [0]
+    assert server.sent[0][3][0].tolist() == [1.0, 1.0]  # delta / n
+    store.on_step(0, _msg(2, torch.tensor([2.0, 0.0], dtype=F64)))   # would start step 3
+    assert len(server.sent) == 1 and store.held() == {0}
+    store.on_step(1, _msg(1, torch.tensor([0.0, 4.0], dtype=F64)))   # the slowest moves
+    assert sorted(d for d, *_ in server.sent[1:]) == [0, 1]
+    assert server.sent[-1][3][0].tolist() == [2.0, 3.0]
+    with pytest.raises(DistribError, match="one step at a time"):
+        store.on_step(1, _msg(3, torch.zeros(2, dtype=F64)))
+
+
+def test_async_answers_at_once_and_compressed_pulls_track_each_worker():
+    from distrib.ps.store import ParamStore
+    server = _FakeServer()
+    slot = Slot("w", F32, (4, 4), True)
+    top = TopK(0.25)
+    store = ParamStore(server, [slot], 2, [torch.zeros(16)], staleness=None,
+                       decoder=TopK(0.25), pull=TopK(0.25))
+    for step in range(1, 4):  # worker 0 runs ahead freely
+        store.on_step(0, _msg(step, top.compress(torch.ones(4, 4) * step, key="w")))
+    assert [d for d, *_ in server.sent] == [0, 0, 0]
+    # What worker 0 holds (the sum of the changes it was sent) approaches the parameters.
+    got = sum(TopK(0.25).decompress(codec.unpack(t, m["parts"][0], [slot], "s")[0])
+              for _, _, m, t in server.sent)
+    assert torch.equal(got.reshape(-1), store.replica[0][0])
+    assert (store.params[0] - store.replica[0][0]).abs().sum() < store.params[0].abs().sum()
+
+
+def test_server_names_the_worker_whose_model_or_options_differ():
+    from distrib.ps.server import Server, ServerError
+    srv = Server.__new__(Server)
+    srv.index, srv.rank = 0, 4
+    ref = {"sig": 1, "config": {"mode": "sync", "staleness": None}, "units": [["a"]], "t": 0}
+    srv._check_same(0, ref, ref)
+    with pytest.raises(ServerError, match="mode='async' on worker 2 but 'sync' on worker 0"):
+        srv._check_same(2, {**ref, "config": {"mode": "async", "staleness": None}}, ref)
+    with pytest.raises(ServerError, match="worker 3's parameters"):
+        srv._check_same(3, {**ref, "sig": 2}, ref)
+    with pytest.raises(ServerError, match="starts at step 7"):
+        srv._check_same(1, {**ref, "t": 7}, ref)
+    with pytest.raises(ServerError, match="lacks"):
+        srv._check_same(1, {"sig": 1}, ref)

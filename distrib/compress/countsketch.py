@@ -181,6 +181,10 @@ class CountSketch(Compressor):
             stats["compress_s"] += time.perf_counter() - t0
             S = self._comm(comm.allreduce, local, "sum") / comm.size
             t0 = time.perf_counter()
+            if not bool(torch.isfinite(S).all()):
+                # Overflow (loss scaling) on some rank: report it, keep the sketches clean.
+                stats["wire_bytes"] += local.numel() * 4
+                return torch.full(t.shape, float("inf"), dtype=t.dtype)
             e = st["e"]
             if self.momentum:
                 u = st["u"]

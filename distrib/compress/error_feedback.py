@@ -41,6 +41,14 @@ class ErrorFeedback(Compressor):
 
     def _compress(self, flat, key, payload):
         st = self._residual(key, payload.shape, payload.dtype)
+        if not bool(torch.isfinite(flat).all()):
+            # An overflowed gradient (loss scaling) is sent as it is, so the step is seen and
+            # skipped; folding inf/nan into e would poison every later step.
+            inner = self.inner.compress(st["e"] + flat.view(payload.shape), key)
+            payload.ctx = inner.ctx
+            payload.ctx["inner_shape"] = inner.shape
+            payload.ctx["inner_dtype"] = inner.dtype
+            return inner.tensors
         p = st["e"]
         p += flat.view(payload.shape)  # the residual buffer becomes p = g + e ...
         inner = self.inner.compress(p, key)
@@ -80,7 +88,8 @@ class ErrorFeedback(Compressor):
             mean = self.inner.reduce(p, comm, key, op="mean")
             for f in ("raw_bytes", "wire_bytes", "compress_s", "comm_s"):
                 self._cur[f] += self.inner.last_stats[f]
-            st["e"] = p - mean
+            if bool(torch.isfinite(mean).all()):  # an overflowed step leaves e alone
+                st["e"] = p - mean
             size = 1 if comm is None else comm.size
             out = mean if op == "mean" else mean * size
         return out.to(t.dtype)

@@ -117,7 +117,7 @@ class PowerSGD(Compressor):
             st = self.state(key, t.shape)
             M = t.detach().reshape(nm).to(cdtype)
             if self.error_feedback and "e" in st:
-                M = st.pop("e").add_(M)  # the error buffer becomes M = g + e
+                M = st["e"] + M  # M = g + e (e itself is kept for an overflowed step)
             P = M @ self._q(st, key, nm[1], cdtype)
             stats["compress_s"] += _now() - t0
             P = self._comm(comm.allreduce, P, "sum")
@@ -130,10 +130,13 @@ class PowerSGD(Compressor):
             t0 = _now()
             Q /= comm.size  # then P Qᵀ is the mean
             out = P @ Q.t()
-            if self.error_feedback:
-                # M is ours unless it is a view of t (no feedback yet, same dtype): then copy.
-                st["e"] = (M if M.data_ptr() != t.data_ptr() else M.clone()).sub_(out)
-            self._remember(st, Q)
+            # An overflowed step (inf/nan from loss scaling, the same on every rank after the
+            # all-reduces) must not poison the error buffer or the warm-start Q.
+            if bool(torch.isfinite(Q).all()):
+                if self.error_feedback:
+                    # M is ours unless it is a view of t (no feedback yet, same dtype): copy.
+                    st["e"] = (M if M.data_ptr() != t.data_ptr() else M.clone()).sub_(out)
+                self._remember(st, Q)
             if op == "sum":
                 out *= comm.size
             stats["compress_s"] += _now() - t0

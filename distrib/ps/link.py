@@ -10,10 +10,10 @@ op        direction       content
 hello     worker → server  configuration, unit list, layout signature, step; worker 0 adds the
                            initial values of the server's units
 welcome   server → worker  the initial values (worker 0's) once every worker said hello
-step      worker → server  the push of step ``t`` (gradients or parameter deltas, compressed per
-                           unit) and the request for what comes back
-agg       server → worker  sync: the mean gradient of steps ``t0 .. t0+k-1`` (k > 1 when the
-                           worker was late and catches up)
+step      worker → server  the push of step ``t``: gradients (sync) or parameter deltas
+                           (async/ssp), compressed per unit; async/ssp: also asks for parameters
+agg       server → worker  sync: the mean gradient of step ``t``, sent to every running worker
+                           as soon as the step completes (a straggler finds it waiting)
 params    server → worker  async/ssp: the parameters (or, compressed, their change since the
                            worker's last pull)
 pull      worker → server  async/ssp: parameters only, no push

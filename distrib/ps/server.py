@@ -78,7 +78,8 @@ class Server:
             now = time.monotonic()
             if msg is None:
                 if first is not None and now - first > self.timeout:
-                    late = [w for w in range(self.workers) if w not in hellos and w not in self.done]
+                    late = [w for w in range(self.workers)
+                            if w not in hellos and w not in self.done]
                     self.fail(f"worker(s) {late} did not reach their first step within "
                               f"{self.timeout:g}s of worker(s) {sorted(hellos)}; they have "
                               f"stopped, hang, or do not use topology='ps'")

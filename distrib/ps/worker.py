@@ -3,11 +3,12 @@
 ``synchronize()`` and ``step()`` per mode:
 
 - ``sync``: ``synchronize()`` pushes this worker's gradients (compressed per unit) to every
-  server and pulls the mean into ``.grad``; ``step()`` runs the wrapped optimizer on it. With a
-  gradient code, ``.grad`` must hold this worker's *coded* gradient (see
-  :func:`distrib.ps.coded_backward`); if the push came too late, the reply carries every step
-  the others made meanwhile and ``step()`` applies them all (one optimizer step each), so this
-  worker rejoins the others at the current step (``global_step``).
+  server and waits for the mean, which it writes into ``.grad``; ``step()`` runs the wrapped
+  optimizer on it. A parameter without a gradient counts as zero (and gets a zero ``.grad``).
+  With a gradient code, ``.grad`` must hold this worker's *coded* gradient (see
+  :func:`distrib.ps.coded_backward`). A straggler finds the means of the steps the others made
+  without it already waiting (its push is then not even sent): ``step()`` applies them all, one
+  optimizer step each, and the worker rejoins the others at the current step (``global_step``).
 - ``async`` / ``ssp``: ``step()`` runs the wrapped optimizer locally, pushes the change it made
   to the parameters and pulls the servers' parameters (see :mod:`distrib.ps.store`);
   ``synchronize()`` only pulls the latest parameters.
