@@ -94,6 +94,16 @@ def _mark(name: str, text: str = "") -> None:
             f.write(text)
 
 
+def _abort_if_mpi(code: int) -> None:
+    """End the whole MPI job now: a failed rank exiting normally would block in MPI_Finalize,
+    waiting for peers that may be stuck waiting for it (until their own deadlines)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(code)
+
+
 def _run(target: str, server: bool) -> None:
     """Run the script (or the server module) as ``__main__``; record how it ended."""
     label = ("s" if server else "") + os.environ["DISTRIB_RANK"]
@@ -104,7 +114,9 @@ def _run(target: str, server: bool) -> None:
             runpy.run_path(target, run_name="__main__")
     except SystemExit as e:
         if e.code not in (None, 0):
-            _mark(f"failed.{label}", f"{e.code if isinstance(e.code, int) else 1} {time.time()}")
+            code = e.code if isinstance(e.code, int) else 1
+            _mark(f"failed.{label}", f"{code} {time.time()}")
+            _abort_if_mpi(code)
             raise
     except Exception as e:
         # The traceback as `python SCRIPT` shows it: without this shim's and runpy's frames.
@@ -113,6 +125,7 @@ def _run(target: str, server: bool) -> None:
             tb = tb.tb_next
         traceback.print_exception(type(e), e, tb or e.__traceback__)
         _mark(f"failed.{label}", f"1 {time.time()}")
+        _abort_if_mpi(1)
         sys.exit(1)
     if not server:
         _mark(f"done.{label}")

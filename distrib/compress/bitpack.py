@@ -4,6 +4,8 @@
 ``len(codes) * bits / 8`` bytes (``len(codes)`` must be a multiple of 8). Everything is
 vectorised on 64-bit views: the 8 codes of a group sit in the 8 bytes of one int64 lane, and a
 few shift/mask/or steps squeeze them together (little-endian byte order, as on x86 and ARM).
+Both directions take an optional ``out`` tensor, so that a caller working through a big tensor
+in cache-sized chunks writes each chunk straight into place.
 """
 from __future__ import annotations
 
@@ -24,40 +26,53 @@ def packed_nbytes(n: int, bits: int) -> int:
     return n * bits // 8
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``codes`` (uint8, values < 2**bits, length a multiple of 8) -> packed uint8 tensor."""
+def pack(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``codes`` (uint8, values < 2**bits, length a multiple of 8) -> packed uint8 tensor,
+    written into ``out`` (``packed_nbytes`` uint8) when given."""
     _check(codes, bits)
+    if out is None:
+        out = torch.empty(packed_nbytes(codes.numel(), bits), dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.shape != (packed_nbytes(codes.numel(), bits),):
+        raise ValueError(f"pack needs out: {packed_nbytes(codes.numel(), bits)} uint8")
     if bits == 8:
-        return codes
+        return out.copy_(codes)
+    x = codes.view(torch.int64)
     if bits == 4:
         # Byte 2j of x | x >> 4 is code 2j | code 2j+1 << 4; the int16 -> uint8 cast keeps it.
-        x = codes.view(torch.int64)
         y = x >> 4
         y |= x
-        return y.view(torch.int16).to(torch.uint8)
-    x = codes.view(torch.int64)
+        return out.copy_(y.view(torch.int16))
     # Merge neighbours: 8 one-byte lanes -> 4 two-byte lanes -> 2 four-byte lanes -> 1 lane.
     x = (x & _M8) | ((x >> 8) & _M8) << bits
     x = (x & _M16) | ((x >> 16) & _M16) << (2 * bits)
     x = (x & _M32) | (x >> 32) << (4 * bits)
     if bits == 1:
-        return x.to(torch.uint8)
+        return out.copy_(x)
     if bits == 2:
-        return x.to(torch.int16).view(torch.uint8)
-    return x.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+        return out.view(torch.int16).copy_(x).view(torch.uint8)
+    return out.view(-1, bits).copy_(x.view(torch.uint8).view(-1, 8)[:, :bits]).view(-1)
 
 
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``n`` uint8 codes (``n`` a multiple of 8)."""
+def unpack(packed: torch.Tensor, bits: int, n: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``n`` uint8 codes (``n`` a multiple of 8), written into ``out``
+    (``n`` uint8) when given."""
     if n % 8 or packed.numel() != packed_nbytes(n, bits) or packed.dtype != torch.uint8:
         raise ValueError(f"cannot unpack {packed.numel()} bytes into {n} codes of {bits} bits")
+    if out is None:
+        out = torch.empty(n, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.shape != (n,):
+        raise ValueError(f"unpack needs out: {n} uint8")
     if bits == 8:
-        return packed
+        return out.copy_(packed)
     if bits == 4:
-        z = packed.to(torch.int16)
+        # int16 lane j holds byte j in its low half; z | z << 4 puts its high nibble in the high
+        # byte, and the mask leaves one code per byte.
+        z = out.view(torch.int16)
+        z.copy_(packed)
         z |= z << 4
         z &= 0x0F0F
-        return z.view(torch.uint8)
+        return out
     if bits == 1:
         x = packed.to(torch.int64)
     elif bits == 2:
@@ -71,7 +86,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     x = (x & (((1 << 2 * bits) - 1) * 0x0000000100000001)) | \
         ((x >> (2 * bits)) & (((1 << 2 * bits) - 1) * 0x0000000100000001)) << 16
     x = (x & (mask * 0x0001000100010001)) | ((x >> bits) & (mask * 0x0001000100010001)) << 8
-    return x.view(torch.uint8)
+    return out.copy_(x.view(torch.uint8))
 
 
 def bits_for(values: int) -> int:

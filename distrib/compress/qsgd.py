@@ -9,10 +9,15 @@ Stochastic rounding is ``round(x + u)`` with ``u`` uniform in [-1/2, 1/2): 16 ra
 element, taken from one 64-bit draw of a seeded PCG64 generator (numpy's; twice as fast as
 torch's Mersenne twister here) per four elements, so the probability of rounding up is
 ``frac(x)`` to within 2⁻¹⁶ (the bias is below 2⁻¹⁶ of a level).
-Scratch buffers the size of the largest tensor seen are kept between calls (fresh ones would
-cost page faults on every call). The generator's state is part of
-``state_dict()``; in ``reduce`` it is seeded per rank (``seed`` + rank), so ranks dither
-independently.
+
+A bucket whose norm is positive but below 2⁻¹⁰⁰ is sent with the norm 2⁻¹⁰⁰ (and quantized on
+that grid, so it stays unbiased): ``s·2¹⁶/‖v‖`` would overflow float32 below about 2⁻¹⁰⁵.
+
+Speed (one core, 25M floats): the work runs in cache-sized chunks of whole buckets, each pass
+over a chunk a single in-place torch op into scratch buffers kept between calls (fresh large
+buffers would cost page faults), and packed codes are written straight into the payload.
+The generator's state is part of ``state_dict()``; in ``reduce`` it is seeded per rank
+(``seed`` + rank), so ranks dither independently.
 """
 from __future__ import annotations
 
@@ -22,8 +27,10 @@ import torch
 from . import bitpack
 from .base import Compressor, stable_seed
 
-SHRINK = 1 - 2.0 ** -16  # see _compress
-CHUNK = 1 << 18  # elements quantized per pass (about the L2 cache)
+SHRINK = 1 - 2.0 ** -16  # see _quantize
+TINY = 2.0 ** -100  # smallest norm sent; see the module docstring
+CHUNK = 1 << 18  # elements per pass (about the L2 cache)
+MAGIC = 2.0 ** 39  # see _quantize
 
 
 class QSGD(Compressor):
@@ -55,78 +62,94 @@ class QSGD(Compressor):
         if self._gen is None:
             self._rank = comm.rank
 
+    # -- compress -------------------------------------------------------------------------------
     def _compress(self, flat, key, payload):
-        s, d = self.levels, self.bucket_size
-        n = flat.numel()
-        n8 = -(-n // 8) * 8  # codes are packed 8 at a time
+        n, d = flat.numel(), self.bucket_size
         v = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
-        norms = torch.empty(-(-n // d), dtype=torch.float32)
-        # level = round(v·s/‖v‖ + u) with u uniform in [-1/2, 1/2) (16 bits); in units of 2⁻¹⁶:
-        #   w = r16 + v·(2¹⁶·s/‖v‖)     (r16: random int16; |w| < 2²³: float32 keeps it whole)
-        #   y = w + 2³⁹ + 2¹⁶·(s + 1)   stays in [2³⁹, 2⁴⁰), where float32 steps are 2¹⁶: the
-        #                               addition rounds, and the low mantissa bits then hold
-        #                               level + s + 1, read through an int32 view.
-        # SHRINK keeps |v·s/‖v‖| a hair below s, so rounding never leaves [-s, s]. The codes
-        # level + s + 1 fit in bits_for(2s + 1) bits (0 is never used).
-        packed = torch.empty(n8 * self.bits // 8, dtype=torch.uint8)
-        # Chunks of whole buckets (and whole bytes) keep the passes below in cache.
-        step = max(1, CHUNK // (8 * d)) * 8 * d
-        w = self._workspace("w", min(step, n8), torch.float32)
-        for lo in range(0, n8, step):
-            hi = min(lo + step, n8)
-            m, real = hi - lo, max(0, min(hi, n) - lo)
-            vc = v[lo:lo + real]
-            nc = norms[lo // d:-(-(lo + real) // d)]
-            whole = real // d
-            if whole:
-                torch.linalg.vector_norm(vc[:whole * d].view(whole, d), dim=1, out=nc[:whole])
-            if whole * d < real:
-                nc[whole] = torch.linalg.vector_norm(vc[whole * d:])
-            scale = torch.where(nc > 0, (65536.0 * s * SHRINK) / nc, torch.zeros_like(nc))
-            r = self._generator().random_raw(-(-m // 4)).view(np.int16)
-            x = w[:m]
-            x.copy_(torch.from_numpy(r[:m]))
-            x[real:] = 0  # padding decodes to level 0
-            _per_bucket(x[:real], vc, scale, d, lambda dst, src, k: dst.addcmul_(src, k))
-            x.add_(2.0 ** 39 + 65536.0 * (s + 1))
-            codes = x.view(torch.int32).to(torch.uint8)  # level + s + 1, in 1..2s+1
-            packed[lo * self.bits // 8:hi * self.bits // 8] = bitpack.pack(codes, self.bits)
+        norms = _bucket_norms(v, d)
+        packed = torch.empty(bitpack.packed_nbytes(_ceil8(n), self.bits), dtype=torch.uint8)
+        for lo, hi in self._chunks(n):
+            self._quantize(v[lo:hi], norms[lo // d:-(-hi // d)], self._bytes(packed, lo, hi))
         return [packed, norms]
 
-    def _workspace(self, name, n, dtype):
-        """A scratch buffer kept between calls: fresh large allocations cost page faults."""
-        buf = self._ws.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self._ws[name] = torch.empty(n, dtype=dtype)
-        return buf[:n]
+    def _quantize(self, v, norms, out):
+        """Packs the codes (level + s + 1) of the chunk ``v`` (whole buckets, but for the last
+        chunk) into ``out``.
 
-    def _levels(self, payload, dtype):
-        """Each element's signed level (code − s − 1), as ``dtype``."""
-        n = payload.numel
-        codes = bitpack.unpack(payload.tensors[0], self.bits, -(-n // 8) * 8)[:n]
-        return codes.to(dtype).sub_(self.levels + 1)
+        level = round(v·s/‖v‖ + u), u uniform in [-1/2, 1/2) (16 bits); in units of 2⁻¹⁶:
+          w = r16 + v·(2¹⁶·s/‖v‖)     (r16: random int16; |w| < 2²³: float32 keeps it whole)
+          y = w + 2³⁹ + 2¹⁶·(s + 1)   stays in [2³⁹, 2⁴⁰), where float32 steps are 2¹⁶: the
+                                      addition rounds, and the low mantissa bits then hold
+                                      level + s + 1, read through an int32 view.
+        SHRINK keeps |v·s/‖v‖| a hair below s, so rounding never leaves [-s, s]. The codes
+        level + s + 1 fit in bits_for(2s + 1) bits (0 is never used)."""
+        s, d, m = self.levels, self.bucket_size, v.numel()
+        scale = self._buf("scale", norms.numel(), torch.float32)
+        torch.reciprocal(norms, out=scale).mul_(65536.0 * s * SHRINK)
+        scale.nan_to_num_(posinf=0.0)  # zero buckets: any finite scale does (v is 0)
+        w = self._buf("w", _ceil8(m), torch.float32)
+        w.copy_(self._dither(w.numel()))  # int16 -> float32
+        _per_bucket(w[:m], v, scale, d, lambda dst, src, k: dst.addcmul_(src, k))
+        w[m:] = 0  # padding to whole bytes decodes to level 0
+        w.add_(MAGIC + 65536.0 * (s + 1))
+        codes = w.view(torch.int32)
+        if self.bits == 8:  # one code per byte: the int32 -> uint8 cast is the packing
+            out.copy_(codes)
+        else:
+            bitpack.pack(self._buf("codes", w.numel(), torch.uint8).copy_(codes), self.bits, out)
 
+    def _dither(self, m):
+        """``m`` random int16 (m a multiple of 8): 16 bits each of m/4 64-bit PCG64 draws."""
+        return torch.from_numpy(self._generator().random_raw(m // 4)).view(torch.int16)
+
+    # -- decompress -----------------------------------------------------------------------------
     def _decompress(self, payload):
-        s, d, n = self.levels, self.bucket_size, payload.numel
-        packed, norms = payload.tensors
-        k = norms / (s * SHRINK)
-        out = torch.empty(n, dtype=torch.float32)
-        step = max(1, CHUNK // (8 * d)) * 8 * d  # as in _compress: cache-sized passes
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            m = -(-(hi - lo) // 8) * 8
-            codes = bitpack.unpack(packed[lo * self.bits // 8:(lo + m) * self.bits // 8],
-                                   self.bits, m)
+        out = torch.empty(payload.numel, dtype=torch.float32)
+        k = payload.tensors[1] / (self.levels * SHRINK)
+        for lo, hi in self._chunks(payload.numel):
             x = out[lo:hi]
-            x.copy_(codes[:hi - lo])
-            _per_bucket(x, None, k[lo // d:], d, lambda dst, _, k: dst.sub_(s + 1).mul_(k))
+            x.copy_(self._levels(payload, lo, hi))
+            _per_bucket(x, None, k[lo // self.bucket_size:], self.bucket_size,
+                        lambda dst, _, k: dst.mul_(k))
         return out
 
     def _accumulate(self, acc, payload, alpha=1.0):
-        lv = self._levels(payload, acc.dtype)
+        d = self.bucket_size
         k = (payload.tensors[1] * (alpha / (self.levels * SHRINK))).to(acc.dtype)
-        _per_bucket(acc, lv, k, self.bucket_size, lambda dst, src, k: dst.addcmul_(src, k))
+        for lo, hi in self._chunks(payload.numel):
+            lv = self._buf("lv", hi - lo, acc.dtype).copy_(self._levels(payload, lo, hi))
+            _per_bucket(acc[lo:hi], lv, k[lo // d:], d, lambda dst, src, k: dst.addcmul_(src, k))
 
+    def _levels(self, payload, lo, hi):
+        """Elements lo..hi's signed levels, as int8 (a scratch buffer)."""
+        m = _ceil8(hi - lo)
+        src = self._bytes(payload.tensors[0], lo, hi)
+        codes = self._buf("codes", m, torch.uint8)
+        if self.bits == 8:
+            torch.sub(src, self.levels + 1, out=codes)
+        else:
+            bitpack.unpack(src, self.bits, m, out=codes).sub_(self.levels + 1)
+        # codes - (s + 1) wrapped around in uint8: as int8 it is the level, in -s..s.
+        return codes.view(torch.int8)[:hi - lo]
+
+    # -- chunks and scratch buffers ---------------------------------------------------------------
+    def _chunks(self, n):
+        """(lo, hi) spans of whole buckets and whole bytes, about CHUNK elements each."""
+        step = max(1, CHUNK // (8 * self.bucket_size)) * 8 * self.bucket_size
+        return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    def _bytes(self, packed, lo, hi):
+        """The packed bytes of elements lo..hi (lo a multiple of 8)."""
+        return packed[lo * self.bits // 8:_ceil8(hi) * self.bits // 8]
+
+    def _buf(self, name, n, dtype):
+        """A scratch buffer kept between calls (chunk-sized, so small)."""
+        buf = self._ws.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._ws[name] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+    # -- checkpoints ------------------------------------------------------------------------------
     def _extra_state(self):
         return {"rank": self._rank,
                 "generator": None if self._gen is None else _pcg_state(self._gen)}
@@ -141,6 +164,26 @@ class QSGD(Compressor):
 
     def __repr__(self):
         return f"QSGD(levels={self.levels}, bucket_size={self.bucket_size})"
+
+
+def _ceil8(n):
+    return -(-n // 8) * 8
+
+
+def _bucket_norms(v, d):
+    """The norm of each bucket of ``d`` elements of ``v`` (the last may be shorter), with
+    positive norms below TINY raised to TINY (see the module docstring)."""
+    n = v.numel()
+    full = n // d
+    norms = torch.empty(-(-n // d), dtype=torch.float32)
+    if full:
+        torch.linalg.vector_norm(v[:full * d].view(full, d), dim=1, out=norms[:full])
+    if full * d < n:
+        norms[full] = torch.linalg.vector_norm(v[full * d:])
+    low = norms < TINY
+    if bool(low.any()):
+        norms[low & (norms > 0)] = TINY
+    return norms
 
 
 def _per_bucket(dst, src, k, d, op):
