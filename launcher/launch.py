@@ -9,11 +9,13 @@ Each attempt runs under :class:`~launcher.supervisor.Supervisor` (zmq) or
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import os
 import shutil
 import sys
 import tempfile
+import uuid
 
 from launcher import merge, plan
 from launcher.errors import LaunchError
@@ -171,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     script = os.path.abspath(args.script)
     metrics_dir = tempfile.mkdtemp(prefix="distrib-metrics-") if (args.metrics or args.timeline) else None
-    common = {"DISTRIB_TRANSPORT": args.transport}
+    # Names this job's shared-memory buffers, so whatever killed workers leave is removed below.
+    job_id = uuid.uuid4().hex[:16]
+    common = {"DISTRIB_TRANSPORT": args.transport, "DISTRIB_JOB_ID": job_id}
     if args.timeout is not None:
         common["DISTRIB_TIMEOUT"] = str(args.timeout)
     if args.config:
@@ -196,8 +200,18 @@ def run(args: argparse.Namespace) -> int:
             attempt += 1
             _say(f"distrib: restarting the job (restart {attempt} of {args.max_restarts})")
     finally:
+        _remove_shared_buffers(job_id)
         if metrics_dir:
             _merge(args, lay, metrics_dir)
+
+
+def _remove_shared_buffers(job_id: str) -> None:
+    """Workers unlink their /dev/shm buffers themselves, except when killed in mid-collective."""
+    for path in glob.glob(f"/dev/shm/distrib-{job_id}-*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _attempt(args, lay: plan.Layout, script: str, port: int, env: dict, cwd: str, output: Output):

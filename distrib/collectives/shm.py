@@ -30,7 +30,11 @@ from ..errors import WireError
 from .ring import split_sizes
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
-_NAME = re.compile(r"^distrib-[0-9a-f]{32}$")
+_NAME = re.compile(r"^distrib-[0-9a-f]{1,32}-[0-9a-f]{32}$")
+# ``distrib launch`` gives each job an id and removes /dev/shm/distrib-<id>-* when it ends.
+_JOB = os.environ.get("DISTRIB_JOB_ID", "") if re.fullmatch(r"[0-9a-f]{1,32}",
+                                                            os.environ.get("DISTRIB_JOB_ID", "")) \
+    else uuid.uuid4().hex[:16]
 
 
 class _Segment:
@@ -80,7 +84,8 @@ class Arena:
             size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             if seg is not None:
                 seg.unlink()
-            seg = self.mine[parity] = _Segment(f"distrib-{uuid.uuid4().hex}", size, create=True)
+            seg = self.mine[parity] = _Segment(f"distrib-{_JOB}-{uuid.uuid4().hex}", size,
+                                                   create=True)
         return seg
 
     def peer(self, peer: int, parity: int, name, size, nbytes: int) -> _Segment:

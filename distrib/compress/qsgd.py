@@ -66,15 +66,17 @@ class QSGD(Compressor):
     def _compress(self, flat, key, payload):
         n, d = flat.numel(), self.bucket_size
         v = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
-        norms = _bucket_norms(v, d)
+        norms = torch.empty(-(-n // d), dtype=torch.float32)
         packed = torch.empty(bitpack.packed_nbytes(_ceil8(n), self.bits), dtype=torch.uint8)
         for lo, hi in self._chunks(n):
             self._quantize(v[lo:hi], norms[lo // d:-(-hi // d)], self._bytes(packed, lo, hi))
+        # Positive norms below TINY were quantized on the TINY grid: send that norm.
+        norms.masked_fill_((norms > 0) & (norms < TINY), TINY)
         return [packed, norms]
 
     def _quantize(self, v, norms, out):
-        """Packs the codes (level + s + 1) of the chunk ``v`` (whole buckets, but for the last
-        chunk) into ``out``.
+        """Writes the bucket norms of the chunk ``v`` (whole buckets, but for the last chunk)
+        into ``norms`` and its packed codes (level + s + 1) into ``out``.
 
         level = round(v·s/‖v‖ + u), u uniform in [-1/2, 1/2) (16 bits); in units of 2⁻¹⁶:
           w = r16 + v·(2¹⁶·s/‖v‖)     (r16: random int16; |w| < 2²³: float32 keeps it whole)
@@ -84,9 +86,10 @@ class QSGD(Compressor):
         SHRINK keeps |v·s/‖v‖| a hair below s, so rounding never leaves [-s, s]. The codes
         level + s + 1 fit in bits_for(2s + 1) bits (0 is never used)."""
         s, d, m = self.levels, self.bucket_size, v.numel()
+        _bucket_norms(v, d, out=norms)  # also brings the chunk into cache for the addcmul
         scale = self._buf("scale", norms.numel(), torch.float32)
-        torch.reciprocal(norms, out=scale).mul_(65536.0 * s * SHRINK)
-        scale.nan_to_num_(posinf=0.0)  # zero buckets: any finite scale does (v is 0)
+        # 1/max(‖v‖, TINY) stays finite; zero buckets keep the norm 0 (their levels are 0).
+        torch.clamp_min(norms, TINY, out=scale).reciprocal_().mul_(65536.0 * s * SHRINK)
         w = self._buf("w", _ceil8(m), torch.float32)
         w.copy_(self._dither(w.numel()))  # int16 -> float32
         _per_bucket(w[:m], v, scale, d, lambda dst, src, k: dst.addcmul_(src, k))
@@ -170,20 +173,13 @@ def _ceil8(n):
     return -(-n // 8) * 8
 
 
-def _bucket_norms(v, d):
-    """The norm of each bucket of ``d`` elements of ``v`` (the last may be shorter), with
-    positive norms below TINY raised to TINY (see the module docstring)."""
-    n = v.numel()
-    full = n // d
-    norms = torch.empty(-(-n // d), dtype=torch.float32)
+def _bucket_norms(v, d, out):
+    """The norm of each bucket of ``d`` elements of ``v`` (the last may be shorter)."""
+    full = v.numel() // d
     if full:
-        torch.linalg.vector_norm(v[:full * d].view(full, d), dim=1, out=norms[:full])
-    if full * d < n:
-        norms[full] = torch.linalg.vector_norm(v[full * d:])
-    low = norms < TINY
-    if bool(low.any()):
-        norms[low & (norms > 0)] = TINY
-    return norms
+        torch.linalg.vector_norm(v[:full * d].view(full, d), dim=1, out=out[:full])
+    if full * d < v.numel():
+        out[full] = torch.linalg.vector_norm(v[full * d:])
 
 
 def _per_bucket(dst, src, k, d, op):
