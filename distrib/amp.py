@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections import defaultdict
 
 import torch
@@ -33,6 +34,18 @@ import torch
 from . import api
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
+
+
+# Scalers built but not yet attached to an optimizer, oldest first: a resumed run builds its
+# scaler before ``distrib.checkpoint.load`` and the scaler registers with the optimizer only at
+# its first step, so ``load`` restores the saved states into these (see ``unattached()``).
+_unattached = []
+
+
+def unattached() -> list:
+    """Live loss scalers not attached to any optimizer yet, in creation order."""
+    _unattached[:] = [r for r in _unattached if r() is not None]
+    return [r() for r in _unattached]
 
 
 class LossScaler:
@@ -64,6 +77,7 @@ class LossScaler:
         self._growth_tracker = torch.zeros((), dtype=torch.int32)
         self._scale_on = {}  # device -> copy of the scale, refreshed after every update
         self._per_optimizer = defaultdict(lambda: {"stage": _READY, "found_inf": None})
+        _unattached.append(weakref.ref(self))
 
     # -- the training-loop API ---------------------------------------------------------------
     def scale(self, outputs):
@@ -205,6 +219,7 @@ class LossScaler:
                 return self
         if not any(s is self for s in scalers):
             scalers.append(self)
+        _unattached[:] = [r for r in _unattached if r() is not None and r() is not self]
         return self
 
     def _scale_for(self, device) -> torch.Tensor:

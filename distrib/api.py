@@ -36,14 +36,14 @@ def allreduce(t: torch.Tensor, op: str = "sum", compressor=None, key: str | None
     comm = context.world()
     if compressor is None:
         return _back(comm.allreduce(host, op), t)
+    from .compress import NoCompression
+    if isinstance(compressor, NoCompression):
+        return _back(comm.allreduce(host, op), t)  # exactly the plain all-reduce, every op
     if op not in ("sum", "mean"):
         raise ValueError(f"a compressed all-reduce supports op='sum' or 'mean', not {op!r}")
     if key is None:  # stateful compressors keep state per key: one per shape and dtype
         key = f"allreduce:{tuple(host.shape)}:{host.dtype}"
-    out = compressor.reduce(host, comm, key=key, op="mean")
-    if op == "sum":
-        out = out * comm.size
-    return _back(out, t)
+    return _back(compressor.reduce(host, comm, key=key, op=op), t)
 
 
 def allgather(t: torch.Tensor) -> list:

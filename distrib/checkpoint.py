@@ -303,6 +303,15 @@ def _apply(state, model, optimizer, loss_scaler, strict):
         if not any(s is t for t in scalers):
             scalers.append(s)
     saved = items.get("loss_scalers", [])
+    if optimizer is not None and len(saved) > len(scalers):
+        # A resumed run's scalers exist but attach to the optimizer only at their first step:
+        # take the ones not attached anywhere yet, oldest first.
+        from .amp import unattached
+        waiting = unattached()
+        if len(waiting) == len(saved) - len(scalers):
+            for s in waiting:
+                s.attach(optimizer)
+                scalers.append(s)
     if len(scalers) > len(saved):
         raise CheckpointError(f"{len(scalers)} loss scaler(s) to restore but the checkpoint holds "
                               f"{len(saved)}")

@@ -70,7 +70,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError("bucket_mb must be positive")
         # Optimizer.__init__ sets up the hook tables LR schedulers and profilers expect; the
         # parameter groups and state are then shared with the wrapped optimizer.
-        super().__init__(optimizer.param_groups, optimizer.defaults)
+        # (Called explicitly, not through super(): the decorator's classes also derive from
+        # the wrapped optimizer's class, whose __init__ must not run again.)
+        torch.optim.Optimizer.__init__(self, optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
@@ -217,6 +219,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._ps.synchronize()  # sync: mean gradient into .grad; async/ssp: fresh parameters
             return
         if self._comm.size == 1:
+            # A job of one averages nothing, but a compressor still shapes the update (as with
+            # Horovod): the compressed tensors go through it, the rest stay as they are.
+            if self.compressor is not None:
+                with torch.no_grad():
+                    for unit in self._units:
+                        p = unit.params[0]
+                        if unit.compressed and p.grad is not None:
+                            p.grad.copy_(self._reduce(unit, p.grad.detach()).view_as(p))
             return
         while self._next_launch < len(self._units):
             self._launch(self._units[self._next_launch])
@@ -329,7 +339,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         if not hasattr(self, "optimizer"):  # torch's Optimizer.__init__ filling in the groups
-            return super().add_param_group(param_group)
+            return torch.optim.Optimizer.add_param_group(self, param_group)
         raise DistribError("add a parameter group to the optimizer before wrapping it: every "
                            "rank must agree on the fused buckets")
 
@@ -375,13 +385,14 @@ def distributed(compressor=None, topology="ring", **options):
     """
     def wrap(target):
         if isinstance(target, type) and issubclass(target, torch.optim.Optimizer):
-            def __new__(cls, *args, model=None, **kwargs):
-                inner = target(*args, **kwargs)
-                return DistributedOptimizer(inner, model=model, compressor=compressor,
-                                            topology=topology, **options)
-            return type(target.__name__, (target,), {"__new__": __new__,
-                                                     "__doc__": target.__doc__,
-                                                     "__module__": target.__module__})
+            # Instances are DistributedOptimizers and also instances of ``target`` (for code
+            # that checks isinstance); DistributedOptimizer's methods come first.
+            def __init__(self, *args, model=None, **kwargs):
+                DistributedOptimizer.__init__(self, target(*args, **kwargs), model=model,
+                                              compressor=compressor, topology=topology, **options)
+            return type(target.__name__, (DistributedOptimizer, target),
+                        {"__init__": __init__, "__doc__": target.__doc__,
+                         "__module__": target.__module__, "__qualname__": target.__qualname__})
 
         if callable(target):
             @functools.wraps(target)

@@ -67,6 +67,7 @@ class Arena:
 
     def __init__(self):
         self.mine = [None, None]
+        self.retired = []  # buffers of failed calls, unlinked after the next good one
         self.peers = {}  # (peer, parity) -> _Segment
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
@@ -97,11 +98,18 @@ class Arena:
             seg = self.peers[(peer, parity)] = _Segment(name, size, create=False)
         return seg
 
-    def close(self):
-        for seg in self.mine:
-            if seg is not None:
-                seg.unlink()
+    def retire(self):
+        self.retired += [seg for seg in self.mine if seg is not None]
         self.mine = [None, None]
+
+    def drop_retired(self):
+        for seg in self.retired:
+            seg.unlink()
+        self.retired = []
+
+    def close(self):
+        self.retire()
+        self.drop_retired()
         self.peers.clear()
 
 
@@ -133,9 +141,17 @@ def _reduce_into(op, acc, x):
 
 def allreduce(c, arena: Arena, flat: torch.Tensor, op: str, out=None) -> torch.Tensor:
     """The reduced tensor, written into ``out`` (a fresh tensor when None; may be ``flat``)."""
-    # A buffer announced in a call that fails stays linked (a peer may be opening it right
-    # now); it is unlinked after the next call that uses it succeeds, or at shutdown.
-    return _allreduce(c, arena, flat, op, c.seq % 2, out)
+    try:
+        result = _allreduce(c, arena, flat, op, c.seq % 2, out)
+    except BaseException:
+        # A failed call skips the final "done" exchange that makes alternating buffers safe:
+        # a slow peer may still be reading ours. Retire both; the next call makes new ones.
+        # They stay linked for now (a peer may be opening the one just announced) and are
+        # unlinked after the next call that succeeds, or at shutdown.
+        arena.retire()
+        raise
+    arena.drop_retired()
+    return result
 
 
 def _allreduce(c, arena, flat, op, parity, out):

@@ -27,9 +27,9 @@ class ErrorFeedback(Compressor):
         if not isinstance(inner, Compressor):
             raise TypeError(f"ErrorFeedback wraps a distrib.compress compressor, "
                             f"got {type(inner).__name__}")
-        if inner.has_error_feedback:
-            raise ValueError(f"{inner!r} already keeps its own error feedback; do not wrap it in "
-                             f"ErrorFeedback")
+        if getattr(inner, "error_feedback", None) is True:
+            # PowerSGD's own feedback is the same e <- p - C(p); keep one copy of it, here.
+            inner.error_feedback = False
         self.inner = inner
         self.linear = inner.linear
 
@@ -77,6 +77,14 @@ class ErrorFeedback(Compressor):
         self.inner._bind(comm)
 
     def reduce(self, t, comm=None, key=None, op="mean"):
+        if self.inner.has_error_feedback:
+            # CountSketch accumulates its error in sketch space already: feedback on top of
+            # it would count the same residual twice.
+            with self._op():
+                out = self.inner.reduce(t, comm, key, op)
+                for f in ("raw_bytes", "wire_bytes", "compress_s", "comm_s"):
+                    self._cur[f] += self.inner.last_stats[f]
+            return out
         if type(self.inner).reduce is Compressor.reduce:
             return super().reduce(t, comm, key, op)
         # The inner compressor runs its own collective: feed it p, keep p − mean.

@@ -34,4 +34,5 @@ class NoCompression(Compressor):
             return out
         if t.dtype.is_floating_point or t.dtype.is_complex:
             return out / comm.size
-        return torch.div(out, comm.size, rounding_mode="trunc")
+        # Integer means round toward minus infinity, exactly as distrib.allreduce does.
+        return torch.div(out, comm.size, rounding_mode="floor")
