@@ -5,7 +5,8 @@ memory each rank copies its input once, reduces its own slice reading every rank
 place, and copies the result out once. Only two small messages per peer cross the transport
 (they carry the collective's signature, so mismatches are still caught)::
 
-    rank i:  input -> my buffer          "ready" -> every peer (with my buffer's name)
+    rank i:  input -> my buffer (all but   "ready" -> every peer (with my buffer's name)
+             slice i, which only I read)
              wait "ready" from all       slice i = in_0[i] (op) in_1[i] (op) ... -> my buffer
              "done" -> every peer        wait "done" from all
              out[k] = buffer_k[k] for every k
@@ -69,14 +70,6 @@ class Arena:
         self.mine = [None, None]
         self.retired = []  # buffers of failed calls, unlinked after the next good one
         self.peers = {}  # (peer, parity) -> _Segment
-        self._scratch = torch.empty(0, dtype=torch.uint8)
-
-    def scratch(self, numel: int, dtype) -> torch.Tensor:
-        """A private buffer of ``numel`` elements, reused across calls (no page faults)."""
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if self._scratch.numel() < nbytes:
-            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
-        return self._scratch[:nbytes].view(dtype)
 
     def own(self, parity: int, nbytes: int) -> _Segment:
         seg = self.mine[parity]
@@ -158,10 +151,16 @@ def _allreduce(c, arena, flat, op, parity, out):
     n, i = c.size, c.rank
     numel, dtype = flat.numel(), flat.dtype
     nbytes = numel * flat.element_size()
+    sizes = split_sizes(numel, n)
+    starts = [sum(sizes[:k]) for k in range(n)]
+    lo, hi = starts[i], starts[i] + sizes[i]
     seg = arena.own(parity, nbytes)
     fresh = seg.linked
     mine = seg.bytes[:nbytes].view(dtype)
-    mine.copy_(flat)
+    # Peers read every slice of my input but my own, which only I reduce: skip copying it.
+    # Its place in the buffer then receives my slice's result.
+    mine[:lo].copy_(flat[:lo])
+    mine[hi:].copy_(flat[hi:])
     for j in range(n):
         if j != i:
             c.send(j, [], {"shm": seg.name, "size": seg.size})
@@ -172,19 +171,13 @@ def _allreduce(c, arena, flat, op, parity, out):
             m = c.recv(j)
             views[j] = arena.peer(j, parity, m.meta.get("shm"), m.meta.get("size"),
                                   nbytes).bytes[:nbytes].view(dtype)
-    sizes = split_sizes(numel, n)
-    starts = [sum(sizes[:k]) for k in range(n)]
-    lo, hi = starts[i], starts[i] + sizes[i]
     if hi > lo:
-        # Reduce in rank order straight into my buffer when that cannot overwrite a term
-        # still to be read (i < 2), else into a reusable scratch buffer.
-        acc = mine[lo:hi] if i < 2 else arena.scratch(hi - lo, dtype)
-        _combine_into(op, views[0][lo:hi], views[1][lo:hi], acc)
+        terms = [flat[lo:hi] if k == i else views[k][lo:hi] for k in range(n)]
+        acc = mine[lo:hi]  # holds no term (see above), so it can take the result directly
+        _combine_into(op, terms[0], terms[1], acc)
         for k in range(2, n):
-            _reduce_into(op, acc, views[k][lo:hi])
+            _reduce_into(op, acc, terms[k])
         _finish_into(op, acc, n)
-        if i >= 2:
-            mine[lo:hi].copy_(acc)
     for j in range(n):
         if j != i:
             c.send(j, [], {"done": 1})
