@@ -10,12 +10,13 @@ element, taken from one 64-bit draw of a seeded PCG64 generator (numpy's; twice 
 torch's Mersenne twister here) per four elements, so the probability of rounding up is
 ``frac(x)`` to within 2⁻¹⁶ (the bias is below 2⁻¹⁶ of a level).
 
-A bucket whose norm is positive but below 2⁻¹⁰⁰ is sent with the norm 2⁻¹⁰⁰ (and quantized on
-that grid, so it stays unbiased): ``s·2¹⁶/‖v‖`` would overflow float32 below about 2⁻¹⁰⁵.
+Norms are float32 sums of squares: a bucket whose entries are all below about 1e-23 (their
+squares underflow) has norm 0 and is sent as zeros.
 
 Speed (one core, 25M floats): the work runs in cache-sized chunks of whole buckets, each pass
 over a chunk a single in-place torch op into scratch buffers kept between calls (fresh large
-buffers would cost page faults), and packed codes are written straight into the payload.
+buffers would cost page faults), and each chunk's codes are packed straight into the payload
+(4-bit packing pairs codes within a chunk: ``CHUNK`` is part of the wire format).
 The generator's state is part of ``state_dict()``; in ``reduce`` it is seeded per rank
 (``seed`` + rank), so ranks dither independently.
 """
@@ -28,8 +29,7 @@ from . import bitpack
 from .base import Compressor, stable_seed
 
 SHRINK = 1 - 2.0 ** -16  # see _quantize
-TINY = 2.0 ** -100  # smallest norm sent; see the module docstring
-CHUNK = 1 << 18  # elements per pass (about the L2 cache)
+CHUNK = 1 << 18  # elements per pass (about the L2 cache); every rank must use the same
 MAGIC = 2.0 ** 39  # see _quantize
 
 
@@ -65,36 +65,42 @@ class QSGD(Compressor):
     # -- compress -------------------------------------------------------------------------------
     def _compress(self, flat, key, payload):
         n, d = flat.numel(), self.bucket_size
-        v = flat if flat.dtype == torch.float32 else flat.to(torch.float32)
         norms = torch.empty(-(-n // d), dtype=torch.float32)
         packed = torch.empty(bitpack.packed_nbytes(_ceil8(n), self.bits), dtype=torch.uint8)
-        for lo, hi in self._chunks(n):
-            self._quantize(v[lo:hi], norms[lo // d:-(-hi // d)], self._bytes(packed, lo, hi))
-        # Positive norms below TINY were quantized on the TINY grid: send that norm.
-        norms.masked_fill_((norms > 0) & (norms < TINY), TINY)
+        step = self._step()
+        w = self._buf("w", min(step, _ceil8(n)), torch.float32)
+        scale = self._buf("scale", min(step, n) // d + 1, torch.float32)
+        for lo in range(0, n, step):
+            v = flat[lo:lo + step]
+            if v.dtype != torch.float32:  # other float dtypes are widened chunk by chunk
+                v = self._buf("v", v.numel(), torch.float32).copy_(v)
+            self._quantize(v, norms[lo // d:-(-(lo + v.numel()) // d)],
+                           self._bytes(packed, lo, lo + v.numel()), w, scale)
         return [packed, norms]
 
-    def _quantize(self, v, norms, out):
+    def _quantize(self, v, norms, out, w, scale):
         """Writes the bucket norms of the chunk ``v`` (whole buckets, but for the last chunk)
-        into ``norms`` and its packed codes (level + s + 1) into ``out``.
+        into ``norms`` and its packed codes into ``out``; ``w`` and ``scale`` are scratch.
 
         level = round(v·s/‖v‖ + u), u uniform in [-1/2, 1/2) (16 bits); in units of 2⁻¹⁶:
           w = r16 + v·(2¹⁶·s/‖v‖)     (r16: random int16; |w| < 2²³: float32 keeps it whole)
-          y = w + 2³⁹ + 2¹⁶·(s + 1)   stays in [2³⁹, 2⁴⁰), where float32 steps are 2¹⁶: the
+          y = w + 2³⁹ + 2¹⁶·o         stays in [2³⁹, 2⁴⁰), where float32 steps are 2¹⁶: the
                                       addition rounds, and the low mantissa bits then hold
-                                      level + s + 1, read through an int32 view.
-        SHRINK keeps |v·s/‖v‖| a hair below s, so rounding never leaves [-s, s]. The codes
-        level + s + 1 fit in bits_for(2s + 1) bits (0 is never used)."""
+                                      level + o, read through an int32 view.
+        SHRINK keeps |v·s/‖v‖| a hair below s, so rounding never leaves [-s, s]. The offset o
+        is s + 1, so the codes level + s + 1 fit in bits_for(2s + 1) bits (0 is never used);
+        for 8 bits it is 256, so the low byte of level + 256 is the level as an int8, which
+        the decoder reads as it is."""
         s, d, m = self.levels, self.bucket_size, v.numel()
-        _bucket_norms(v, d, out=norms)  # also brings the chunk into cache for the addcmul
-        scale = self._buf("scale", norms.numel(), torch.float32)
-        # 1/max(‖v‖, TINY) stays finite; zero buckets keep the norm 0 (their levels are 0).
-        torch.clamp_min(norms, TINY, out=scale).reciprocal_().mul_(65536.0 * s * SHRINK)
-        w = self._buf("w", _ceil8(m), torch.float32)
+        w, scale = w[:_ceil8(m)], scale[:norms.numel()]
+        _bucket_norms(v, d, norms)  # also brings the chunk into cache for the addcmul
+        # s·2¹⁶/‖v‖, and 0 for zero buckets (their levels are then 0)
+        torch.reciprocal(norms, out=scale).mul_(65536.0 * s * SHRINK).nan_to_num_(posinf=0.0)
         w.copy_(self._dither(w.numel()))  # int16 -> float32
-        _per_bucket(w[:m], v, scale, d, lambda dst, src, k: dst.addcmul_(src, k))
-        w[m:] = 0  # padding to whole bytes decodes to level 0
-        w.add_(MAGIC + 65536.0 * (s + 1))
+        _bucket_op("addcmul_", w[:m], scale, d, v)
+        if m < w.numel():
+            w[m:] = 0  # padding to whole bytes decodes to level 0
+        w.add_(MAGIC + 65536.0 * (256 if self.bits == 8 else s + 1))
         codes = w.view(torch.int32)
         if self.bits == 8:  # one code per byte: the int32 -> uint8 cast is the packing
             out.copy_(codes)
@@ -107,39 +113,37 @@ class QSGD(Compressor):
 
     # -- decompress -----------------------------------------------------------------------------
     def _decompress(self, payload):
-        out = torch.empty(payload.numel, dtype=torch.float32)
+        n, d, step = payload.numel, self.bucket_size, self._step()
+        out = torch.empty(n, dtype=torch.float32)
         k = payload.tensors[1] / (self.levels * SHRINK)
-        for lo, hi in self._chunks(payload.numel):
-            x = out[lo:hi]
-            x.copy_(self._levels(payload, lo, hi))
-            _per_bucket(x, None, k[lo // self.bucket_size:], self.bucket_size,
-                        lambda dst, _, k: dst.mul_(k))
+        for lo in range(0, n, step):
+            x = self._levels(payload, lo, out[lo:lo + step])
+            _bucket_op("mul_", x, k[lo // d:], d)
         return out
 
     def _accumulate(self, acc, payload, alpha=1.0):
-        d = self.bucket_size
+        n, d, step = payload.numel, self.bucket_size, self._step()
         k = (payload.tensors[1] * (alpha / (self.levels * SHRINK))).to(acc.dtype)
-        for lo, hi in self._chunks(payload.numel):
-            lv = self._buf("lv", hi - lo, acc.dtype).copy_(self._levels(payload, lo, hi))
-            _per_bucket(acc[lo:hi], lv, k[lo // d:], d, lambda dst, src, k: dst.addcmul_(src, k))
+        for lo in range(0, n, step):
+            a = acc[lo:lo + step]
+            x = self._levels(payload, lo, self._buf("lv", a.numel(), acc.dtype))
+            _bucket_op("addcmul_", a, k[lo // d:], d, x)
 
-    def _levels(self, payload, lo, hi):
-        """Elements lo..hi's signed levels, as int8 (a scratch buffer)."""
-        m = _ceil8(hi - lo)
+    def _levels(self, payload, lo, out):
+        """The signed levels of elements lo.. (as many as ``out`` holds), written into ``out``."""
+        hi = lo + out.numel()
         src = self._bytes(payload.tensors[0], lo, hi)
-        codes = self._buf("codes", m, torch.uint8)
-        if self.bits == 8:
-            torch.sub(src, self.levels + 1, out=codes)
-        else:
-            bitpack.unpack(src, self.bits, m, out=codes).sub_(self.levels + 1)
+        if self.bits == 8:  # the bytes are the levels (see _quantize)
+            return out.copy_(src.view(torch.int8)[:hi - lo])
+        codes = self._buf("codes", _ceil8(hi - lo), torch.uint8)
+        bitpack.unpack(src, self.bits, codes.numel(), out=codes).sub_(self.levels + 1)
         # codes - (s + 1) wrapped around in uint8: as int8 it is the level, in -s..s.
-        return codes.view(torch.int8)[:hi - lo]
+        return out.copy_(codes.view(torch.int8)[:hi - lo])
 
     # -- chunks and scratch buffers ---------------------------------------------------------------
-    def _chunks(self, n):
-        """(lo, hi) spans of whole buckets and whole bytes, about CHUNK elements each."""
-        step = max(1, CHUNK // (8 * self.bucket_size)) * 8 * self.bucket_size
-        return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    def _step(self):
+        """Elements per chunk: whole buckets and whole bytes, about CHUNK of them."""
+        return max(1, CHUNK // (8 * self.bucket_size)) * 8 * self.bucket_size
 
     def _bytes(self, packed, lo, hi):
         """The packed bytes of elements lo..hi (lo a multiple of 8)."""
@@ -176,22 +180,22 @@ def _ceil8(n):
 def _bucket_norms(v, d, out):
     """The norm of each bucket of ``d`` elements of ``v`` (the last may be shorter)."""
     full = v.numel() // d
-    if full:
-        torch.linalg.vector_norm(v[:full * d].view(full, d), dim=1, out=out[:full])
+    torch.linalg.vector_norm(v[:full * d].view(full, d), dim=1, out=out[:full])
     if full * d < v.numel():
         out[full] = torch.linalg.vector_norm(v[full * d:])
 
 
-def _per_bucket(dst, src, k, d, op):
-    """``op(dst_b, src_b, k_b)`` on every bucket b of ``d`` elements of ``dst`` (the last may be
-    shorter), whole buckets at once through (buckets, d) views; ``k`` has one value per bucket."""
+def _bucket_op(op, dst, k, d, *src):
+    """``dst_b.op(*src_b, k_b)`` (an in-place tensor method) for each bucket b of ``d``
+    elements of ``dst`` (the last may be shorter) and its factor ``k_b``: whole buckets at once
+    through (buckets, d) views, so it is one op (two with a short last bucket)."""
     n = dst.numel()
     full = n // d
     if full:
-        op(dst[:full * d].view(full, d), None if src is None else src[:full * d].view(full, d),
-           k[:full, None])
+        getattr(dst[:full * d].view(full, d), op)(*(t[:full * d].view(full, d) for t in src),
+                                                  k[:full].unsqueeze(1))
     if full * d < n:
-        op(dst[full * d:], None if src is None else src[full * d:], k[full])
+        getattr(dst[full * d:], op)(*(t[full * d:n] for t in src), k[full])
 
 
 _U64 = (1 << 64) - 1
