@@ -37,8 +37,8 @@ def allreduce(t: torch.Tensor, op: str = "sum", compressor=None, key: str | None
     if compressor is None:
         return _back(comm.allreduce(host, op), t)
     from .compress import NoCompression
-    if isinstance(compressor, NoCompression):
-        return _back(comm.allreduce(host, op), t)  # exactly the plain all-reduce, every op
+    if isinstance(compressor, NoCompression) and op in ("min", "max"):
+        return _back(comm.allreduce(host, op), t)  # nothing to compress: the plain all-reduce
     if op not in ("sum", "mean"):
         raise ValueError(f"a compressed all-reduce supports op='sum' or 'mean', not {op!r}")
     if key is None:  # stateful compressors keep state per key: one per shape and dtype
