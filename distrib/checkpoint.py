@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
 import tempfile
 import warnings
@@ -248,10 +247,13 @@ def _read_file(path, weights_only):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         record = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects torch's safe loader refuses (see below); if "
-                              f"you trust the file, load it with weights_only=False: {e}") from e
     except Exception as e:
+        # torch's safe loader (weights_only=True) refuses arbitrary objects with an
+        # UnpicklingError: say how to load a trusted file. (Checkpoints are local files; nothing
+        # from the wire is ever unpickled.)
+        if type(e).__name__ == "UnpicklingError":
+            raise CheckpointError(f"{path} holds objects torch's safe loader refuses (see below); "
+                                  f"if you trust the file, load it with weights_only=False: {e}") from e
         raise CheckpointError(f"{path} is not a readable checkpoint: {e}") from e
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distrib checkpoint")
