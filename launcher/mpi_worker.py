@@ -116,7 +116,8 @@ def _run(target: str, server: bool) -> None:
         if e.code not in (None, 0):
             code = e.code if isinstance(e.code, int) else 1
             _mark(f"failed.{label}", f"{code} {time.time()}")
-            _abort_if_mpi(code)
+            if code != 128 + signal.SIGTERM:  # SIGTERM: the launcher is stopping us already
+                _abort_if_mpi(code)
             raise
     except Exception as e:
         # The traceback as `python SCRIPT` shows it: without this shim's and runpy's frames.
