@@ -49,13 +49,22 @@ def train():
     return module
 
 
-@pytest.mark.timeout(60)
-def test_job_of_one_reads_distrib_config(train, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def job_of_one(monkeypatch):
+    """A clean job of one in this process: other in-process tests may have left distrib
+    initialised (always as a job of one here), and no launcher variables may leak in."""
     import distrib
     if distrib.is_initialized():
-        pytest.skip("this test process already belongs to a distrib job")
+        if distrib.size() != 1:
+            pytest.skip("this test process belongs to a multi-rank distrib job")
+        distrib.shutdown()
     for var in [v for v in os.environ if v.startswith("DISTRIB_") or v in ("RANK", "WORLD_SIZE")]:
         monkeypatch.delenv(var)
+
+
+@pytest.mark.timeout(60)
+def test_job_of_one_reads_distrib_config(train, job_of_one, tmp_path, monkeypatch, capsys):
+    import distrib
     cfg = tmp_path / "short.toml"
     cfg.write_text("[train]\nsteps = 80\nlr = 0.2\neval_every = 40\n")
     monkeypatch.setenv("DISTRIB_CONFIG", str(cfg))
@@ -68,12 +77,8 @@ def test_job_of_one_reads_distrib_config(train, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.timeout(60)
-def test_passes_and_amp_tables_are_applied(train, tmp_path, monkeypatch, capsys):
+def test_passes_and_amp_tables_are_applied(train, job_of_one, tmp_path, monkeypatch, capsys):
     import distrib
-    if distrib.is_initialized():
-        pytest.skip("this test process already belongs to a distrib job")
-    for var in [v for v in os.environ if v.startswith("DISTRIB_") or v in ("RANK", "WORLD_SIZE")]:
-        monkeypatch.delenv(var)
     cfg = tmp_path / "passes.toml"
     cfg.write_text("[train]\nsteps = 60\neval_every = 0\n[amp]\nenabled = true\n"
                    "init_scale = 256.0\n[passes.prune]\namount = 0.5\nevery = 20\n")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import CollectiveMismatch, DistribError
+from ..errors import CollectiveMismatch
 from ..transport.wire import Message, dtype_name
 from . import broadcast as _broadcast
 from . import ring as _ring
@@ -173,4 +173,4 @@ def _fmt(sig):
     return f"{sig[0]}({', '.join(map(str, sig[1:]))})"
 
 
-__all__ = ["Communicator", "DistribError"]
+__all__ = ["Communicator"]

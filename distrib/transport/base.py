@@ -108,8 +108,7 @@ class Transport:
                     continue
                 self._pumping = True
             self._pump_unlocked(min(left, 0.05))
-        return_error = self._timeout_error(src, channel, seq, timeout, what, group)
-        raise return_error
+        raise self._timeout_error(src, channel, seq, timeout, what, group)
 
     def abort(self, ranks, channel: int, seq: int, kind: str, text: str, missing=()) -> None:
         """Tell ``ranks`` that the operation (channel, seq) failed here, so they stop waiting."""
